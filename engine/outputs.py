@@ -1,0 +1,50 @@
+"""What the engine hands back each step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Log-probability of a sampled token and, when asked, the top alternatives."""
+
+    token_id: int
+    logprob: float
+    #: (token_id, logprob) of the top N, most likely first.
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class RequestOutput:
+    """New tokens of one request since its last output."""
+
+    request_id: str
+    new_token_ids: list[int]
+    #: One entry per new token when the request asked for logprobs, else empty.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finished: bool = False
+    #: "stop" (EOS / stop token), "length" (max_tokens or max_model_len), "abort", "error".
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    #: Prompt tokens served from the prefix cache (or pulled from a remote prefill).
+    num_cached_tokens: int = 0
+    #: Error text when finish_reason == "error".
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Load of one engine, for Stats RPCs, metrics and routing."""
+
+    num_waiting: int
+    num_running: int
+    num_free_blocks: int
+    num_total_blocks: int
+    block_size: int
+
+    @property
+    def kv_usage(self) -> float:
+        if self.num_total_blocks == 0:
+            return 0.0
+        return 1.0 - self.num_free_blocks / self.num_total_blocks
