@@ -7,6 +7,7 @@ equal prefixes (up to a 64-bit collision). Only full blocks are hashed.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,14 +33,24 @@ def hash_token_blocks(
     n_full = len(token_ids) // block_size
     if n_full == 0:
         return []
-    raw = np.asarray(token_ids[: n_full * block_size], dtype="<i4").tobytes()
+    n_tok = n_full * block_size
+    # The router hashes every prompt on its request path: this loop is kept tight (struct
+    # packing of lists, digests chained as bytes — an 8-byte LE digest *is* the parent hash's
+    # bytes — and one unpack at the end). Same hashes as hash_block_tokens, block by block.
+    raw: bytes | None = None
+    if not isinstance(token_ids, np.ndarray):
+        try:
+            raw = struct.pack(f"<{n_tok}i", *token_ids[:n_tok])
+        except struct.error:
+            raw = None  # out-of-range id: let numpy raise its usual error below
+    if raw is None:
+        raw = np.asarray(token_ids[:n_tok], dtype="<i4").tobytes()
     stride = 4 * block_size
-    hashes: list[int] = []
-    parent = parent_hash
+    digest = parent_hash.to_bytes(8, "little", signed=False)
     blake2b = hashlib.blake2b
-    for i in range(n_full):
-        h = blake2b(parent.to_bytes(8, "little", signed=False), digest_size=8)
-        h.update(raw[i * stride : (i + 1) * stride])
-        parent = int.from_bytes(h.digest(), "little", signed=False)
-        hashes.append(parent)
-    return hashes
+    digests: list[bytes] = []
+    append = digests.append
+    for i in range(0, n_tok * 4, stride):
+        digest = blake2b(digest + raw[i : i + stride], digest_size=8).digest()
+        append(digest)
+    return list(struct.unpack(f"<{n_full}Q", b"".join(digests)))
