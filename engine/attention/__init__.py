@@ -1,0 +1,36 @@
+"""Attention backends behind one small interface, chosen by name.
+
+`torch` is the reference backend (CPU and any device, pure torch SDPA over the paged cache);
+`flashinfer` runs paged prefill/decode kernels on CUDA when the package is installed.
+"""
+
+from __future__ import annotations
+
+from .base import AttentionBackend, AttentionMetadata, build_metadata
+
+_BACKENDS = {
+    "torch": "splitserve.engine.attention.torch_ref:TorchAttentionBackend",
+    "flashinfer": "splitserve.engine.attention.flashinfer_backend:FlashInferAttentionBackend",
+}
+
+
+def get_backend(name: str, device) -> AttentionBackend:
+    """Instantiate a backend; `auto` picks flashinfer on CUDA when importable, else torch."""
+    import importlib
+
+    if name == "auto":
+        name = "torch"
+        if getattr(device, "type", str(device)) == "cuda":
+            try:
+                importlib.import_module("flashinfer")
+                name = "flashinfer"
+            except ImportError:
+                pass
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {sorted(_BACKENDS)}")
+    module_name, cls_name = _BACKENDS[name].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls()
+
+
+__all__ = ["AttentionBackend", "AttentionMetadata", "build_metadata", "get_backend"]

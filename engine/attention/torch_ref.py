@@ -1,0 +1,53 @@
+"""Reference attention over the paged cache with torch SDPA; runs on any device."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import AttentionMetadata
+
+
+class TorchAttentionBackend:
+    name = "torch"
+
+    def begin_step(self, meta, kv_cache, num_heads, num_kv_heads, head_dim) -> None:
+        return None
+
+    def forward(self, layer, q, k, v, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        T, nh, d = q.shape
+        nkv = k.shape[1]
+        layer_cache = kv_cache[:, layer]  # [NB, 2, bs, nkv, d] (a view)
+        layer_cache[meta.slot_block, 0, meta.slot_offset] = k
+        layer_cache[meta.slot_block, 1, meta.slot_offset] = v
+        out = torch.empty(T, nh, d, dtype=q.dtype, device=q.device)
+        bs = meta.block_size
+
+        nd = meta.num_decodes
+        if nd:
+            kv = layer_cache[meta.decode_block_table]  # [D, MB, 2, bs, nkv, d]
+            D, MB = kv.shape[:2]
+            kk = kv[:, :, 0].reshape(D, MB * bs, nkv, d).transpose(1, 2)
+            vv = kv[:, :, 1].reshape(D, MB * bs, nkv, d).transpose(1, 2)
+            qd = q[:nd].unsqueeze(2)  # [D, nh, 1, d]
+            o = F.scaled_dot_product_attention(
+                qd, kk, vv, attn_mask=meta.decode_mask, enable_gqa=nh != nkv
+            )
+            out[:nd] = o.squeeze(2)
+
+        for q_start, q_len, ctx, table in meta.prefills:
+            qi = q[q_start : q_start + q_len].transpose(0, 1)  # [nh, q, d]
+            if ctx == q_len:
+                # No earlier context: attend over this chunk's own k/v, causally.
+                ki = k[q_start : q_start + q_len].transpose(0, 1)
+                vi = v[q_start : q_start + q_len].transpose(0, 1)
+                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=nh != nkv)
+            else:
+                kv = layer_cache[table]  # [nb, 2, bs, nkv, d]
+                ki = kv[:, 0].reshape(-1, nkv, d)[:ctx].transpose(0, 1)
+                vi = kv[:, 1].reshape(-1, nkv, d)[:ctx].transpose(0, 1)
+                pos_q = torch.arange(ctx - q_len, ctx, device=q.device)
+                mask = torch.arange(ctx, device=q.device)[None, :] <= pos_q[:, None]
+                o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, enable_gqa=nh != nkv)
+            out[q_start : q_start + q_len] = o.transpose(0, 1)
+        return out.reshape(T, nh * d)

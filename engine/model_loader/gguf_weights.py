@@ -1,0 +1,243 @@
+"""GGUF files: metadata -> ModelConfig, tensors -> HF-named state dict.
+
+llama.cpp's converter renames every tensor (`blk.N.attn_q.weight`, ...) and, for the `llama`
+architecture only (Llama, Mistral), permutes the rows of q_proj / k_proj (weights and biases)
+from HF's rotate-half RoPE layout into its interleaved-pair layout:
+
+    w.reshape(n_head, 2, rows // n_head // 2, ...).swapaxes(1, 2)
+
+with n_head = num_heads for q and num_kv_heads for k. Loading undoes that exactly as
+transformers does (`reshape(n_head, rows // n_head // 2, 2, ...).swapaxes(1, 2)`). Qwen2 and
+Qwen3 files are written unpermuted. A Llama 3.1-style `rope_freqs.weight` tensor is turned
+back into the `llama3` rope_scaling dict it was generated from.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pathlib
+import re
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from splitserve.engine.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from splitserve.engine.errors import ModelSpecError
+from splitserve.engine.model_loader.gguf_header import GgufHeader, read_gguf_header
+from splitserve.engine.model_loader.names import check_complete, expected_shapes
+
+logger = logging.getLogger(__name__)
+
+#: GGUF `general.architecture` -> HF architecture.
+GGUF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+#: llama.cpp permutes q/k rows for these GGUF architectures only.
+_PERMUTED_ARCHS = ("llama",)
+
+_TOP_LEVEL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_LEAVES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_ROPE_FREQS = "rope_freqs.weight"
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The HF parameter name of a GGUF tensor name, or None if it has none."""
+    if gguf_name in _TOP_LEVEL:
+        return _TOP_LEVEL[gguf_name]
+    m = _BLOCK_RE.match(gguf_name)
+    if m and m.group(2) in _BLOCK_LEAVES:
+        return f"model.layers.{m.group(1)}.{_BLOCK_LEAVES[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF rotate-half halves)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's permutation (HF -> GGUF); the inverse of `unpermute_qk`. Used by tests."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_architecture(header: GgufHeader) -> str:
+    """The HF architecture of a GGUF file; ModelSpecError naming it if unsupported."""
+    arch = header.architecture
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelSpecError(
+            f"{header.path} holds GGUF architecture {arch!r}; supported GGUF architectures: "
+            f"{', '.join(GGUF_ARCHITECTURES)} (i.e. {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    if arch == "llama" and "mistral" in str(header.metadata.get("general.name", "")).lower():
+        return "MistralForCausalLM"  # llama.cpp writes Mistral as `llama`; the math is the same
+    return GGUF_ARCHITECTURES[arch]
+
+
+def _llama3_rope_factors(
+    head_dim: int, theta: float, factor: float, low: float, high: float, old_ctx: int
+) -> np.ndarray:
+    """The `rope_freqs` tensor llama.cpp's converter writes for a `llama3` rope_scaling."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+def _read_f32_tensor(header: GgufHeader, name: str) -> np.ndarray:
+    info = header.tensors[name]
+    if info.ggml_type != 0:  # F32
+        raise ModelSpecError(f"{header.path}: {name} is not stored as F32")
+    count = int(np.prod(info.shape))
+    return np.fromfile(header.path, dtype=np.float32, count=count, offset=header.data_start + info.offset)
+
+
+def _rope_scaling(header: GgufHeader, prefix: str, head_dim: int, theta: float, ctx: int) -> dict | None:
+    md = header.metadata
+    if _ROPE_FREQS in header.tensors:
+        stored = _read_f32_tensor(header, _ROPE_FREQS)
+        factor = float(stored.max())
+        old_ctx = int(md.get(f"{prefix}.rope.scaling.original_context_length", 8192))
+        params = dict(factor=factor, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=old_ctx)
+        expect = _llama3_rope_factors(head_dim, theta, factor, 1.0, 4.0, old_ctx)
+        if stored.shape != expect.shape or not np.allclose(stored, expect, rtol=1e-5, atol=1e-6):
+            raise ModelSpecError(
+                f"{header.path}: rope_freqs.weight does not match a llama3 rope scaling with "
+                f"low_freq_factor=1, high_freq_factor=4, original context {old_ctx}; not supported"
+            )
+        return {"rope_type": "llama3", **params}
+    kind = md.get(f"{prefix}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    factor = float(md.get(f"{prefix}.rope.scaling.factor", 1.0))
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    if kind == "yarn":
+        return {
+            "rope_type": "yarn",
+            "factor": factor,
+            "original_max_position_embeddings": int(
+                md.get(f"{prefix}.rope.scaling.original_context_length", ctx)
+            ),
+        }
+    raise ModelSpecError(f"{header.path}: rope scaling type {kind!r} is not supported")
+
+
+def config_from_gguf(header: GgufHeader) -> ModelConfig:
+    """ModelConfig from GGUF metadata (`<arch>.*` and `tokenizer.ggml.*` keys)."""
+    arch = gguf_architecture(header)
+    prefix = header.architecture
+    md = header.metadata
+
+    def need(key: str) -> Any:
+        full = f"{prefix}.{key}"
+        if full not in md:
+            raise ModelSpecError(f"{header.path} lacks GGUF metadata {full!r}")
+        return md[full]
+
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    kv_heads = md.get(f"{prefix}.attention.head_count_kv", heads)
+    if isinstance(kv_heads, list):
+        raise ModelSpecError(f"{header.path}: per-layer KV head counts are not supported")
+    head_dim = int(
+        md.get(f"{prefix}.attention.key_length")
+        or md.get(f"{prefix}.rope.dimension_count")
+        or hidden // heads
+    )
+    if "token_embd.weight" not in header.tensors:
+        raise ModelSpecError(f"{header.path} has no token_embd.weight tensor")
+    vocab_size = header.tensors["token_embd.weight"].shape[0]
+    theta = float(md.get(f"{prefix}.rope.freq_base", 10000.0))
+    ctx = int(need("context_length"))
+    eos = []
+    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        value = md.get(f"tokenizer.ggml.{key}")
+        if value is not None and int(value) not in eos:
+            eos.append(int(value))
+    bos = md.get("tokenizer.ggml.bos_token_id")
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(vocab_size),
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_layers=int(need("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(kv_heads),
+        head_dim=head_dim,
+        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        rope_theta=theta,
+        rope_scaling=_rope_scaling(header, prefix, head_dim, theta, ctx),
+        max_position_embeddings=ctx,
+        tie_word_embeddings="output.weight" not in header.tensors,
+        attention_bias="blk.0.attn_q.bias" in header.tensors,
+        qk_norm=arch == "Qwen3ForCausalLM",
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_ids=tuple(eos),
+    )
+
+
+def state_dict_from_gguf(
+    path: pathlib.Path, cfg: ModelConfig, dtype: torch.dtype, progress: bool
+) -> dict[str, torch.Tensor]:
+    """Dequantize tensor by tensor, rename to HF, undo the q/k permutation, cast to `dtype`."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(path))
+    permuted = str(reader.get_field("general.architecture").contents()) in _PERMUTED_ARCHS
+    expected = expected_shapes(cfg)
+    out: dict[str, torch.Tensor] = {}
+    for tensor in tqdm(reader.tensors, desc=f"Loading {path.name}", unit="tensor", disable=not progress):
+        name = hf_name(tensor.name)
+        if name is None or name not in expected:
+            if tensor.name != _ROPE_FREQS:  # consumed by load_model_config
+                logger.warning("%s: ignoring unexpected tensor %s", path, tensor.name)
+            continue
+        # numpy shape of the values is ggml's shape reversed: (rows, cols) as HF has it
+        values = dequantize(tensor.data, tensor.tensor_type)
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        w = torch.from_numpy(np.array(values, dtype=np.float32, copy=True)).reshape(shape)
+        if permuted and ".self_attn.q_proj." in name:
+            w = unpermute_qk(w, cfg.num_heads)
+        elif permuted and ".self_attn.k_proj." in name:
+            w = unpermute_qk(w, cfg.num_kv_heads)
+        out[name] = w.to(dtype).contiguous()
+        del values
+    check_complete(str(path), cfg, out, expected)
+    return {name: out[name] for name in expected}
+
+
+def load_gguf_config(path: pathlib.Path) -> ModelConfig:
+    return config_from_gguf(read_gguf_header(path))

@@ -1,0 +1,112 @@
+"""Llama-family decoder over a flattened token batch and the paged KV cache.
+
+Covers Llama 2/3 (RoPE scaling), Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm), SmolLM:
+RMSNorm, RoPE, grouped-query attention, SwiGLU, tied embeddings. q/k/v and gate/up
+projections are fused at load for fewer, larger GEMMs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..attention.base import AttentionBackend, AttentionMetadata
+from ..config import ModelConfig
+from .rope import RotaryEmbedding
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm: statistics in float32, scale applied in the input dtype."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+class _Layer:
+    __slots__ = ("input_norm", "post_norm", "qkv_w", "qkv_b", "o_w", "q_norm", "k_norm",
+                 "gate_up_w", "down_w")
+
+
+class LlamaForCausalLM:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 max_positions: int) -> None:
+        self.cfg = cfg
+        self.dtype = dtype
+        self.device = device
+        self.rope = RotaryEmbedding(cfg, max_positions, dtype, device)
+        self.layers: list[_Layer] = []
+        self.embed: torch.Tensor | None = None
+        self.norm: torch.Tensor | None = None
+        self.lm_head: torch.Tensor | None = None
+
+    def load_weights(self, sd: dict[str, torch.Tensor]) -> None:
+        """Take HF-named tensors; fuses and casts them. Raises KeyError naming a missing one."""
+        cfg = self.cfg
+
+        def take(name: str) -> torch.Tensor:
+            if name not in sd:
+                raise KeyError(f"missing weight {name!r} in the checkpoint")
+            return sd[name].to(device=self.device, dtype=self.dtype).contiguous()
+
+        self.embed = take("model.embed_tokens.weight")
+        self.norm = take("model.norm.weight")
+        self.lm_head = self.embed if cfg.tie_word_embeddings else take("lm_head.weight")
+        self.layers = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            layer = _Layer()
+            layer.input_norm = take(p + "input_layernorm.weight")
+            layer.post_norm = take(p + "post_attention_layernorm.weight")
+            a = p + "self_attn."
+            layer.qkv_w = torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"),
+                                     take(a + "v_proj.weight")]).contiguous()
+            layer.qkv_b = (
+                torch.cat([take(a + "q_proj.bias"), take(a + "k_proj.bias"),
+                           take(a + "v_proj.bias")]).contiguous()
+                if cfg.attention_bias else None
+            )
+            layer.o_w = take(a + "o_proj.weight")
+            layer.q_norm = take(a + "q_norm.weight") if cfg.qk_norm else None
+            layer.k_norm = take(a + "k_norm.weight") if cfg.qk_norm else None
+            m = p + "mlp."
+            layer.gate_up_w = torch.cat([take(m + "gate_proj.weight"),
+                                         take(m + "up_proj.weight")]).contiguous()
+            layer.down_w = take(m + "down_proj.weight")
+            self.layers.append(layer)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                attn: AttentionBackend, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T] → final hidden states [T, hidden]."""
+        cfg = self.cfg
+        nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_size, kv_size = nh * d, nkv * d
+        eps = cfg.rms_norm_eps
+        inter = cfg.intermediate_size
+        cos, sin = self.rope.tables(positions)
+        h = F.embedding(input_ids, self.embed)
+        T = h.shape[0]
+        for li, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.input_norm, eps)
+            qkv = F.linear(x, layer.qkv_w, layer.qkv_b)
+            q = qkv[:, :q_size].view(T, nh, d)
+            k = qkv[:, q_size : q_size + kv_size].view(T, nkv, d)
+            v = qkv[:, q_size + kv_size :].view(T, nkv, d)
+            if layer.q_norm is not None:
+                q = rms_norm(q, layer.q_norm, eps)
+                k = rms_norm(k, layer.k_norm, eps)
+            q = self.rope.apply(q, cos, sin)
+            k = self.rope.apply(k, cos, sin)
+            o = attn.forward(li, q, k, v, kv_cache, meta)
+            h = h + F.linear(o, layer.o_w)
+            x = rms_norm(h, layer.post_norm, eps)
+            gu = F.linear(x, layer.gate_up_w)
+            x = F.silu(gu[:, :inter]) * gu[:, inter:]
+            h = h + F.linear(x, layer.down_w)
+        return rms_norm(h, self.norm, eps)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, hidden] → float32 logits [B, vocab]."""
+        return F.linear(hidden, self.lm_head).float()

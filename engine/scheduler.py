@@ -1,0 +1,195 @@
+"""Continuous batching: decides which requests run this step and how many tokens each.
+
+Each step: running requests first (a decode token each, or the next chunk of their prompt),
+then waiting requests in arrival order while the token budget, the running cap and the
+block pool allow. When a running request cannot get a block, the most recently admitted
+running request is preempted (its blocks freed, to be recomputed later) — never a crash,
+never a deadlock: add-time checks guarantee that one request alone always fits. The
+scheduler never touches tensors.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .config import EngineConfig
+from .kv_cache_manager import KVCacheManager
+from .outputs import RequestOutput
+from .request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request: Request
+    #: Tokens computed this step, starting at position `start`.
+    num_new_tokens: int
+    start: int
+
+    @property
+    def samples(self) -> bool:
+        """This chunk reaches the end of the request's known tokens, so it yields a token."""
+        return self.start + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    def __bool__(self) -> bool:
+        return bool(self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, kv: KVCacheManager, max_model_len: int) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """End a request: drop it from the queues and free its blocks at once."""
+        req.status = status
+        self.requests.pop(req.request_id, None)
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        self.kv.free(req)
+
+    def abort(self, request_id: str) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is not None:
+            self.finish(req, RequestStatus.FINISHED_ABORTED)
+        return req
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # -- the step ----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        chunked = self.config.enable_chunked_prefill
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            scheduled = True
+            while not self.kv.allocate(req, num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim.request_id)
+                if victim is req:
+                    scheduled = False
+                    break
+            if not scheduled:
+                break
+            out.scheduled.append(ScheduledRequest(req, num_new, req.num_computed_tokens))
+            budget -= num_new
+            i += 1
+
+        while (
+            self.waiting
+            and budget > 0
+            and not out.preempted
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            req = self.waiting[0]
+            if req.status is RequestStatus.WAITING_FOR_REMOTE_KV:
+                break
+            cached = self.kv.find_cached_prefix(req)
+            num_cached = len(cached) * self.kv.block_size
+            num_new = req.num_tokens - num_cached
+            if num_new > budget:
+                # Without chunking a prompt runs whole; one longer than the full budget
+                # (possible after preemption) still runs in chunks rather than never.
+                if not chunked and (out.scheduled or num_new <= self.config.max_num_batched_tokens):
+                    break
+                num_new = budget
+            if not self.kv.allocate(req, num_new, cached):
+                break
+            self.waiting.popleft()
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = num_cached
+            req.num_computed_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, num_new, num_cached))
+            budget -= num_new
+        return out
+
+    def update(
+        self, out: SchedulerOutput, sampled: dict[str, int], logprobs: dict | None = None
+    ) -> list[RequestOutput]:
+        """Advance computed tokens, append sampled tokens, finish requests that stop."""
+        results: list[RequestOutput] = []
+        for s in out.scheduled:
+            req = s.request
+            if req.status is not RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens = s.start + s.num_new_tokens
+            self.kv.cache_full_blocks(req)
+            token = sampled.get(req.request_id)
+            if token is None:
+                continue
+            req.append_token(token)
+            if logprobs and req.request_id in logprobs:
+                req.logprobs.append(logprobs[req.request_id])
+            status = self._check_stop(req, token)
+            if status is not None:
+                self.finish(req, status)
+            results.append(self.make_output(req))
+        return results
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        if token in req.stop_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if len(req.output_token_ids) >= req.params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    @staticmethod
+    def make_output(req: Request) -> RequestOutput:
+        start = req.num_returned_tokens
+        new = req.output_token_ids[start:]
+        req.num_returned_tokens = len(req.output_token_ids)
+        finished = req.status.finished
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=new,
+            logprobs=req.logprobs[start:] if req.params.logprobs is not None else [],
+            finished=finished,
+            finish_reason=req.status.value if finished else None,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+            error=req.error,
+        )
