@@ -1,0 +1,192 @@
+"""asyncio front of the engine: the step loop runs on its own thread, requests stream back.
+
+Lifecycle: start() loads the model (off the event loop) and starts the engine thread. The
+thread drains an inbox of commands (add, abort, calls), steps while any request is
+unfinished, and sleeps otherwise. Each generate() call owns an asyncio queue that the thread
+feeds; when the consumer stops early (client gone, task cancelled) the request is aborted
+and its KV blocks are freed at once. shutdown() aborts what is left and joins the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from .config import EngineConfig
+from .engine import Engine
+from .outputs import EngineStats, RequestOutput
+from .sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread is not running."""
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, engine: Engine | None = None, **engine_kwargs: Any) -> None:
+        self.config = config
+        self.engine = engine
+        self._engine_kwargs = engine_kwargs
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stats: EngineStats | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.engine is None:
+            self.engine = await asyncio.to_thread(Engine, self.config, **self._engine_kwargs)
+        self._stats = self.engine.stats()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+            self._thread = None
+
+    @property
+    def model_config(self):
+        return self.engine.model_config
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def stats(self) -> EngineStats:
+        return self._stats if self._stats is not None else self.engine.stats()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- requests ------------------------------------------------------------------------------
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        if not self.alive:
+            raise EngineDeadError("engine is not running")
+        prompt_token_ids = list(prompt_token_ids)
+        self.engine.validate(prompt_token_ids, params)  # raises EngineInputError early
+        if request_id in self._streams:
+            from .errors import EngineInputError
+
+            raise EngineInputError(f"request id {request_id!r} is already running", "request_id")
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (loop, q)
+        self._send(("add", request_id, prompt_token_ids, params))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    break
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._send(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run fn(engine) on the engine thread between steps and return its result."""
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._send(("call", fn, fut))
+        return await fut
+
+    def _send(self, cmd: tuple) -> None:
+        self._inbox.put(cmd)
+        self._wake.set()
+
+    # -- the engine thread ----------------------------------------------------------------------
+    def _deliver(self, request_id: str, item: Any) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, q = stream
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the consumer's loop is closed
+                pass
+
+    def _drain_inbox(self) -> None:
+        eng = self.engine
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            kind = cmd[0]
+            if kind == "add":
+                _, rid, prompt, params = cmd
+                if rid not in self._streams:
+                    continue  # consumer already gone
+                try:
+                    eng.add_request(rid, prompt, params)
+                except Exception as exc:
+                    self._deliver(rid, exc)
+            elif kind == "abort":
+                out = eng.abort(cmd[1])
+                if out is not None:
+                    self._deliver(cmd[1], out)
+            elif kind == "call":
+                _, fn, fut = cmd
+                loop = fut.get_loop()
+                try:
+                    result = fn(eng)
+                except Exception as exc:
+                    loop.call_soon_threadsafe(_set_exception, fut, exc)
+                else:
+                    loop.call_soon_threadsafe(_set_result, fut, result)
+
+    def _run(self) -> None:
+        eng = self.engine
+        if self.config.num_threads is not None:
+            import torch
+
+            torch.set_num_threads(self.config.num_threads)
+        while not self._stopping:
+            self._drain_inbox()
+            if not eng.has_unfinished():
+                self._stats = eng.stats()
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = eng.step()
+            except Exception:  # pragma: no cover - Engine.step already isolates batch failures
+                logger.exception("engine step raised")
+                outputs = []
+            for out in outputs:
+                self._deliver(out.request_id, out)
+            self._stats = eng.stats()
+        for rid in list(eng.scheduler.requests):
+            out = eng.abort(rid)
+            if out is not None:
+                self._deliver(rid, out)
+        self._stats = eng.stats()
+
+
+def _set_result(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
