@@ -78,12 +78,6 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp's permutation (HF -> GGUF); the inverse of `unpermute_qk`. Used by tests."""
-    rows = w.shape[0]
-    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def gguf_architecture(header: GgufHeader) -> str:
     """The HF architecture of a GGUF file; ModelSpecError naming it if unsupported."""
     arch = header.architecture

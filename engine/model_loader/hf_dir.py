@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pathlib
@@ -156,25 +157,24 @@ def state_dict_from_dir(
     if not files:
         raise ModelSpecError(f"{directory} holds no *.safetensors weights")
     out: dict[str, torch.Tensor] = {}
-    handles = []
-    try:
+    with contextlib.ExitStack() as stack:
+        handles = []
         for path in files:
             if not path.is_file():
                 raise ModelSpecError(f"{directory}/{INDEX_FILE} names {path.name}, which is missing")
-            handles.append(safe_open(str(path), framework="pt"))
-        total = sum(len(list(h.keys())) for h in handles)
-        bar = tqdm(total=total, desc=f"Loading {directory.name}", unit="tensor", disable=not progress)
-        with bar:
-            for handle in handles:
-                for name in handle.keys():
-                    bar.update(1)
-                    if name not in expected:
-                        # a tied lm_head stored anyway, rotary inv_freq buffers, ...
-                        if name != "lm_head.weight" and not name.endswith("rotary_emb.inv_freq"):
-                            logger.warning("%s: ignoring unexpected tensor %s", directory, name)
-                        continue
-                    out[name] = handle.get_tensor(name).to(dtype).contiguous()
-    finally:
-        handles.clear()
+            handles.append(stack.enter_context(safe_open(str(path), framework="pt")))
+        total = sum(len(h.keys()) for h in handles)
+        bar = stack.enter_context(
+            tqdm(total=total, desc=f"Loading {directory.name}", unit="tensor", disable=not progress)
+        )
+        for handle in handles:
+            for name in handle.keys():
+                bar.update(1)
+                if name not in expected:
+                    # a tied lm_head stored anyway, rotary inv_freq buffers, ...
+                    if name != "lm_head.weight" and not name.endswith("rotary_emb.inv_freq"):
+                        logger.warning("%s: ignoring unexpected tensor %s", directory, name)
+                    continue
+                out[name] = handle.get_tensor(name).to(dtype).contiguous()
     check_complete(str(directory), cfg, out, expected)
     return {name: out[name] for name in expected}

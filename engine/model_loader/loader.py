@@ -1,0 +1,32 @@
+"""Dispatch on ModelSource.kind: config and weights from a GGUF file or a HF directory."""
+
+from __future__ import annotations
+
+import torch
+
+from splitserve.engine.config import ModelConfig
+from splitserve.engine.model_loader.gguf_weights import load_gguf_config, state_dict_from_gguf
+from splitserve.engine.model_loader.hf_dir import config_from_dir, state_dict_from_dir
+from splitserve.engine.model_loader.source import ModelSource
+
+
+def load_model_config(source: ModelSource) -> ModelConfig:
+    """The ModelConfig of `source` (config.json, or GGUF metadata)."""
+    if source.kind == "gguf":
+        return load_gguf_config(source.path)
+    return config_from_dir(source.path)
+
+
+def load_state_dict(
+    source: ModelSource, dtype: torch.dtype = torch.float32, progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """HF-named, contiguous tensors in `dtype`, exactly `names.expected_parameter_names(cfg)`.
+
+    GGUF tensors are dequantized one at a time (peak memory: the result plus one tensor);
+    `lm_head.weight` is present only when the embeddings are not tied. A tqdm bar over the
+    tensors is shown when `progress`.
+    """
+    cfg = load_model_config(source)
+    if source.kind == "gguf":
+        return state_dict_from_gguf(source.path, cfg, dtype, progress)
+    return state_dict_from_dir(source.path, cfg, dtype, progress)
