@@ -25,15 +25,7 @@ class TorchAttentionBackend:
 
         nd = meta.num_decodes
         if nd:
-            kv = layer_cache[meta.decode_block_table]  # [D, MB, 2, bs, nkv, d]
-            D, MB = kv.shape[:2]
-            kk = kv[:, :, 0].reshape(D, MB * bs, nkv, d).transpose(1, 2)
-            vv = kv[:, :, 1].reshape(D, MB * bs, nkv, d).transpose(1, 2)
-            qd = q[:nd].unsqueeze(2)  # [D, nh, 1, d]
-            o = F.scaled_dot_product_attention(
-                qd, kk, vv, attn_mask=meta.decode_mask, enable_gqa=nh != nkv
-            )
-            out[:nd] = o.squeeze(2)
+            out[:nd] = self._decode(q[:nd], layer_cache, meta, nkv)
 
         for q_start, q_len, ctx, table in meta.prefills:
             qi = q[q_start : q_start + q_len].transpose(0, 1)  # [nh, q, d]
@@ -51,3 +43,20 @@ class TorchAttentionBackend:
                 o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, enable_gqa=nh != nkv)
             out[q_start : q_start + q_len] = o.transpose(0, 1)
         return out.reshape(T, nh * d)
+
+    @staticmethod
+    def _decode(q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata,
+                nkv: int) -> torch.Tensor:
+        """One query token per request: plain batched matmuls over the gathered context
+        (for a single query the CPU flash kernel costs several times more)."""
+        D, nh, d = q.shape
+        g = nh // nkv
+        kv = layer_cache[meta.decode_block_table]  # [D, MB, 2, bs, nkv, d]
+        L = kv.shape[1] * meta.block_size
+        k = kv[:, :, 0].reshape(D, L, nkv, d).permute(0, 2, 3, 1)  # [D, nkv, d, L]
+        v = kv[:, :, 1].reshape(D, L, nkv, d).transpose(1, 2)  # [D, nkv, L, d]
+        qg = q.view(D, nkv, g, d) * (d ** -0.5)
+        scores = torch.matmul(qg, k).float()  # [D, nkv, g, L]
+        scores.masked_fill_(~meta.decode_mask.view(D, 1, 1, L), float("-inf"))
+        probs = scores.softmax(dim=-1).to(q.dtype)
+        return torch.matmul(probs, v).reshape(D, nh, d)
