@@ -1,0 +1,1 @@
+"""Load generation and measurement. Never imported by serving code."""

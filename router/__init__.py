@@ -1,0 +1,33 @@
+"""The KV-aware router: a global index of the workers' cached blocks fed by their KV
+events, a load view, and the cost model that picks prefill and decode workers.
+
+    from splitserve.router import Router, RouterConfig, Role, NoWorkerAvailable
+    from splitserve.router.events import KvEventPublisher   # worker side (BlockPool event_sink)
+"""
+
+from splitserve.router.config import RouterConfig
+from splitserve.router.errors import (
+    BlockSizeMismatch,
+    EventGap,
+    NoWorkerAvailable,
+    RouterError,
+    UnknownWorker,
+)
+from splitserve.router.index import ApplyResult, KvIndex
+from splitserve.router.policy import Role
+from splitserve.router.router import RoutePlan, Router, Selection
+
+__all__ = [
+    "ApplyResult",
+    "BlockSizeMismatch",
+    "EventGap",
+    "KvIndex",
+    "NoWorkerAvailable",
+    "Role",
+    "RoutePlan",
+    "Router",
+    "RouterConfig",
+    "RouterError",
+    "Selection",
+    "UnknownWorker",
+]
