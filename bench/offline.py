@@ -1,0 +1,145 @@
+"""`splitserve bench offline`: the engine against transformers `generate` on one request set.
+
+Same prompts, same output lengths (ignore_eos), same dtype and threads, in one run:
+splitserve's continuous batching vs transformers' static, padded batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("offline", help="engine vs transformers generate, offline batch")
+    p.add_argument("--json", dest="json_path", default=None, help="write the result here")
+    p.add_argument("--quick", action="store_true", help="small run (under a minute)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--num-requests", type=int, default=None)
+    p.add_argument("--min-prompt", type=int, default=None)
+    p.add_argument("--max-prompt", type=int, default=None)
+    p.add_argument("--output-len", type=int, default=None)
+    p.add_argument("--hf-batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--skip-hf", action="store_true", help="engine figures only")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    # Ordinary vocabulary ids (skip the first few hundred: special and byte tokens).
+    return [[rng.randrange(300, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def run_engine(engine, prompts, out_len) -> dict:
+    from splitserve.engine.sampling_params import SamplingParams
+
+    # Prefill throughput: prompts only (one new token each), no prefix reuse.
+    engine.pool.reset_prefix_cache()
+    t0 = time.perf_counter()
+    engine.generate(prompts, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    prefill_s = time.perf_counter() - t0
+    engine.pool.reset_prefix_cache()
+
+    # Full run: continuous batching of every request.
+    params = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    total_s = time.perf_counter() - t0
+    engine.pool.reset_prefix_cache()
+    n_out = sum(len(o) for o in outs)
+
+    # Single stream: one 512-token prompt, time the decode steps after the first token.
+    engine.add_request("single", prompts[0][:512] if len(prompts[0]) >= 512 else prompts[0],
+                       SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True))
+    engine.step()
+    steps = 0
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        steps += len(engine.step())
+    single_s = time.perf_counter() - t0
+    engine.pool.reset_prefix_cache()
+    return {
+        "splitserve_output_tok_s": n_out / total_s,
+        "splitserve_total_s": total_s,
+        "splitserve_prefill_tok_s": sum(len(p) for p in prompts) / prefill_s,
+        "single_stream_decode_tok_s": steps / single_s,
+        "outputs": outs,
+    }
+
+
+def run_hf(src, prompts, out_len, batch_size, dtype, progress) -> dict:
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(src.path.parent), gguf_file=src.path.name, dtype=dtype
+    ).eval()
+    n_out = 0
+    t0 = time.perf_counter()
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    for batch in progress(batches, desc="transformers", unit="batch"):
+        width = max(len(p) for p in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, p in enumerate(batch):  # left padding, as generate expects
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=out_len,
+                              min_new_tokens=out_len, do_sample=False, pad_token_id=0)
+        n_out += (out.shape[1] - width) * len(batch)
+    total_s = time.perf_counter() - t0
+    return {"hf_output_tok_s": n_out / total_s, "hf_total_s": total_s}
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from tqdm import tqdm
+
+    from splitserve.bench.common import emit, machine_info
+    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.engine import Engine
+    from splitserve.engine.model_loader import load_model_config, resolve_model
+
+    n = args.num_requests or (16 if args.quick else 64)
+    lo = args.min_prompt or 64
+    hi = args.max_prompt or (256 if args.quick else 1024)
+    out_len = args.output_len or (32 if args.quick else 128)
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    src = resolve_model(args.model)
+    cfg = load_model_config(src)
+    prompts = make_prompts(n, lo, hi, cfg.vocab_size, args.seed)
+    settings = {
+        "model": src.name, "dtype": args.dtype, "num_requests": n, "prompt_len": [lo, hi],
+        "output_len": out_len, "hf_batch_size": args.hf_batch_size, "threads": threads,
+        "quick": args.quick,
+    }
+    engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, num_threads=threads,
+                                 max_num_seqs=max(64, n), max_num_batched_tokens=2048))
+    settings["block_size"] = engine.config.block_size
+    settings["kv_blocks"] = engine.pool.num_blocks
+    eng = run_engine(engine, prompts, out_len)
+    del eng["outputs"]
+    result = {**eng}
+    if not args.skip_hf:
+        del engine
+        hf = run_hf(src, prompts, out_len, args.hf_batch_size,
+                    {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype], tqdm)
+        result.update(hf)
+        result["ratio"] = result["splitserve_output_tok_s"] / hf["hf_output_tok_s"]
+    result["settings"] = settings
+    result["machine"] = machine_info()
+    emit(result, args.json_path)
+    return 0
