@@ -3,6 +3,7 @@ events, a load view, and the cost model that picks prefill and decode workers.
 
     from splitserve.router import Router, RouterConfig, Role, NoWorkerAvailable
     from splitserve.router.events import KvEventPublisher   # worker side (BlockPool event_sink)
+    from splitserve.router.service import KvEventServer, KvEventSubscriber  # event plane (gRPC)
 """
 
 from splitserve.router.config import RouterConfig

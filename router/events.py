@@ -15,6 +15,9 @@ Wire format (msgpack arrays of ints/bytes/str only, no pickle):
         removed:  [1, [hash, ...]]
         cleared:  [2]
     snapshot: [1, 1, worker_id, event_id, block_size, [hash, ...]]
+    hello:    [1, 2, worker_id, 0, block_size, [total_blocks | nil]]      (first stream message)
+    stats:    [1, 3, worker_id, 0, block_size, [num_waiting, num_running,
+                                                num_free_blocks, num_total_blocks]]
 Event ids are per worker, start at 1 and grow by 1 per batch; a snapshot of a pool that has
 published nothing yet has event id 0.
 """
@@ -34,6 +37,8 @@ from splitserve.router.errors import EventDecodeError
 WIRE_VERSION = 1
 _KIND_BATCH = 0
 _KIND_SNAPSHOT = 1
+_KIND_HELLO = 2
+_KIND_STATS = 3
 _EV_STORED = 0
 _EV_REMOVED = 1
 _EV_CLEARED = 2
@@ -86,6 +91,30 @@ class KvSnapshot:
     block_hashes: tuple[int, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class KvHello:
+    """First message of a worker's event stream: who it is and how it hashes."""
+
+    worker_id: str
+    block_size: int
+    #: Size of its block pool, when known.
+    total_blocks: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStats:
+    """A worker's load, sent on its event stream (the fields of engine EngineStats)."""
+
+    worker_id: str
+    num_waiting: int
+    num_running: int
+    num_free_blocks: int
+    num_total_blocks: int
+
+
+KvMessage = Union[KvEventBatch, KvSnapshot, KvHello, WorkerStats]
+
+
 # -- encoding ------------------------------------------------------------------------------
 def _event_to_wire(ev: KvEvent) -> list:
     if type(ev) is BlockStored:
@@ -113,6 +142,21 @@ def encode_snapshot(snapshot: KvSnapshot) -> bytes:
     )
 
 
+def encode_hello(hello: KvHello) -> bytes:
+    return msgpack.packb(
+        [WIRE_VERSION, _KIND_HELLO, hello.worker_id, 0, hello.block_size, [hello.total_blocks]],
+        use_bin_type=True,
+    )
+
+
+def encode_stats(stats: WorkerStats, block_size: int) -> bytes:
+    return msgpack.packb(
+        [WIRE_VERSION, _KIND_STATS, stats.worker_id, 0, block_size,
+         [stats.num_waiting, stats.num_running, stats.num_free_blocks, stats.num_total_blocks]],
+        use_bin_type=True,
+    )
+
+
 # -- decoding ------------------------------------------------------------------------------
 def _event_from_wire(raw: Sequence) -> KvEvent:
     tag = raw[0]
@@ -126,8 +170,8 @@ def _event_from_wire(raw: Sequence) -> KvEvent:
     raise EventDecodeError(f"unknown KV event tag {tag!r}")
 
 
-def decode_message(data: bytes) -> KvEventBatch | KvSnapshot:
-    """Decode one wire message (a batch or a snapshot)."""
+def decode_message(data: bytes) -> KvMessage:
+    """Decode one wire message (a batch, a snapshot, a hello or stats)."""
     try:
         msg = msgpack.unpackb(data, use_list=False, raw=False, strict_map_key=True)
         version, kind, worker_id, event_id, block_size, payload = msg
@@ -149,20 +193,29 @@ def decode_message(data: bytes) -> KvEventBatch | KvSnapshot:
         return KvEventBatch(worker_id, event_id, block_size, events)
     if kind == _KIND_SNAPSHOT:
         return KvSnapshot(worker_id, event_id, block_size, tuple(payload))
+    try:
+        if kind == _KIND_HELLO:
+            (total,) = payload
+            return KvHello(worker_id, block_size, total)
+        if kind == _KIND_STATS:
+            waiting, running, free, total = (int(x) for x in payload)
+            return WorkerStats(worker_id, waiting, running, free, total)
+    except Exception as exc:
+        raise EventDecodeError(f"malformed KV message payload: {exc}") from exc
     raise EventDecodeError(f"unknown KV message kind {kind!r}")
 
 
 def decode_batch(data: bytes) -> KvEventBatch:
     msg = decode_message(data)
     if not isinstance(msg, KvEventBatch):
-        raise EventDecodeError("expected a KV event batch, got a snapshot")
+        raise EventDecodeError(f"expected a KV event batch, got {type(msg).__name__}")
     return msg
 
 
 def decode_snapshot(data: bytes) -> KvSnapshot:
     msg = decode_message(data)
     if not isinstance(msg, KvSnapshot):
-        raise EventDecodeError("expected a KV snapshot, got an event batch")
+        raise EventDecodeError(f"expected a KV snapshot, got {type(msg).__name__}")
     return msg
 
 

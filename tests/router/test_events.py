@@ -18,12 +18,16 @@ from splitserve.router.events import (
     BlockStored,
     KvEventBatch,
     KvEventPublisher,
+    KvHello,
     KvSnapshot,
+    WorkerStats,
     decode_batch,
     decode_message,
     decode_snapshot,
     encode_batch,
+    encode_hello,
     encode_snapshot,
+    encode_stats,
 )
 from splitserve.router.index import KvIndex
 
@@ -66,7 +70,18 @@ def test_wire_format_is_compact_plain_msgpack():
     assert len(encode_batch(big)) < 1000 * 9 + 64
 
 
+def test_hello_and_stats_round_trip():
+    for hello in (KvHello("w", 16, 1000), KvHello("w", 16)):
+        assert decode_message(encode_hello(hello)) == hello
+    st_ = WorkerStats("w", 1, 2, 30, 400)
+    assert decode_message(encode_stats(st_, 16)) == st_
+    with pytest.raises(EventDecodeError):
+        decode_batch(encode_hello(KvHello("w", 16)))
+
+
 @pytest.mark.parametrize("data", [
+    msgpack.packb([1, 3, "w", 0, 16, [1, 2]]),                   # stats: too few fields
+    msgpack.packb([1, 2, "w", 0, 16, []]),                       # hello: no total
     b"",
     b"\x93\x01\x02\x03",                                          # wrong shape
     msgpack.packb([2, 0, "w", 1, 16, []]),                       # unknown version
