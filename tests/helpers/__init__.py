@@ -1,0 +1,1 @@
+"""Helpers shared by test folders (real-service launchers). Not installed."""
