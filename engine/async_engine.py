@@ -39,6 +39,8 @@ class AsyncEngine:
         self._stopping = False
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats: EngineStats | None = None
+        #: Pinned prefill results freed because nobody pulled them in time.
+        self.num_expired_pins = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -162,6 +164,12 @@ class AsyncEngine:
             torch.set_num_threads(self.config.num_threads)
         while not self._stopping:
             self._drain_inbox()
+            if eng.scheduler.pinned:
+                expired = eng.expire_pins()
+                if expired:
+                    self.num_expired_pins += len(expired)
+                    logger.warning("freed %d pinned prefills nobody pulled: %s",
+                                   len(expired), expired)
             if not eng.has_unfinished():
                 self._stats = eng.stats()
                 self._wake.wait(0.5)

@@ -78,13 +78,74 @@ class Engine:
                 "max_tokens",
             )
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def _new_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         prompt_token_ids = list(prompt_token_ids)
         self.validate(prompt_token_ids, params)
-        if request_id in self.scheduler.requests:
+        if request_id in self.scheduler.requests or request_id in self.scheduler.pinned:
             raise EngineInputError(f"request id {request_id!r} is already running", "request_id")
-        req = Request(request_id, prompt_token_ids, params, self.model_config.eos_token_ids)
+        return Request(request_id, prompt_token_ids, params, self.model_config.eos_token_ids)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    pin_timeout_s: float | None = None) -> None:
+        """Queue a request. With pin_timeout_s (a prefill worker) its blocks outlive it until
+        release_pinned() or the timeout, so a decode worker can pull them."""
+        req = self._new_request(request_id, prompt_token_ids, params)
+        if pin_timeout_s is not None:
+            req.pin_on_finish = True
+            req.pin_deadline = float("inf")
+            req.pin_timeout_s = pin_timeout_s
         self.scheduler.add(req)
+
+    # -- disaggregation --------------------------------------------------------------------
+    def pinned_blocks(self, request_id: str) -> tuple[list[int], int]:
+        """Block ids and computed token count of a finished, pinned prefill."""
+        req = self.scheduler.pinned[request_id]
+        n = req.num_computed_tokens
+        return [b.block_id for b in req.blocks[: self.kv.blocks_needed(n)]], n
+
+    def release_pinned(self, request_id: str) -> bool:
+        return self.scheduler.release_pinned(request_id)
+
+    def expire_pins(self, now: float | None = None) -> list[str]:
+        """Free pinned prefills nobody pulled in time; returns their ids."""
+        import time
+
+        now = time.monotonic() if now is None else now
+        expired = self.scheduler.expired_pins(now)
+        for rid in expired:
+            self.scheduler.release_pinned(rid)
+        return expired
+
+    def add_remote_request(self, request_id: str, prompt_token_ids: list[int],
+                           params: SamplingParams, first_token: int,
+                           first_logprob=None) -> list[tuple[int, int]] | None:
+        """Admit a request prefilled elsewhere. Allocates blocks for its prompt, reusing the
+        leading blocks this engine's prefix cache holds, and returns the pull plan: (index
+        into the remote handle's block ids, local block id) for each missing block. Returns
+        None when the pool is short: the request then queues for a local prefill instead.
+        Call remote_ready() when the pull ends."""
+        req = self._new_request(request_id, prompt_token_ids, params)
+        req.append_token(first_token)
+        req.num_returned_tokens = 1  # the prefill side already streamed it
+        if first_logprob is not None:
+            req.logprobs.append(first_logprob)
+        if params.seed is not None and not params.greedy:
+            # Keep the seeded stream aligned with an aggregated run: the first draw was spent
+            # by the prefill worker.
+            torch.empty(self.model_config.vocab_size).exponential_(generator=req.generator)
+        cached = self.kv.find_cached_prefix(req)
+        n_prompt_blocks = self.kv.blocks_needed(req.num_prompt_tokens)
+        cached = cached[:n_prompt_blocks]
+        new_tokens = req.num_prompt_tokens - len(cached) * self.config.block_size
+        if not self.kv.allocate(req, new_tokens, cached):
+            self.scheduler.add(req)
+            return None
+        self.scheduler.add_remote(req)
+        return [(i, req.blocks[i].block_id) for i in range(len(cached), n_prompt_blocks)]
+
+    def remote_ready(self, request_id: str, ok: bool) -> bool:
+        """The pull for request_id ended (ok=False: prefill it locally). False if unknown."""
+        return self.scheduler.remote_ready(request_id, ok) is not None
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.scheduler.abort(request_id)

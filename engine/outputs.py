@@ -48,3 +48,20 @@ class EngineStats:
         if self.num_total_blocks == 0:
             return 0.0
         return 1.0 - self.num_free_blocks / self.num_total_blocks
+
+
+@dataclass(frozen=True)
+class KvHandle:
+    """Where a prefilled prompt's KV blocks wait to be pulled (prefill → decode).
+
+    `agent` is the prefill worker's transport peer name (opaque to the engine)."""
+
+    worker_id: str
+    agent: str
+    block_ids: tuple[int, ...]
+    #: Prompt tokens whose KV the blocks hold.
+    num_tokens: int
+    #: The token the prefill sampled (already streamed to the client).
+    first_token: int
+    #: Its logprob entry when the request asked for logprobs.
+    first_logprob: "TokenLogprob | None" = None

@@ -71,6 +71,11 @@ class Request:
         #: Tokens already handed out in a RequestOutput.
         self.num_returned_tokens = 0
         self.error: str | None = None
+        #: Prefill-only request: keep its blocks after it finishes, until released.
+        self.pin_on_finish = False
+        #: Monotonic deadline after which pinned blocks are freed if nobody pulled them.
+        self.pin_deadline = 0.0
+        self.pin_timeout_s = 0.0
 
     @property
     def num_prompt_tokens(self) -> int:

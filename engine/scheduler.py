@@ -10,6 +10,7 @@ scheduler never touches tensors.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -53,6 +54,10 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        #: Prefill results whose blocks wait for a decode worker's pull.
+        self.pinned: dict[str, Request] = {}
+        #: Requests whose KV is being pulled from a prefill worker.
+        self.remote: dict[str, Request] = {}
 
     # -- bookkeeping ------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -62,12 +67,14 @@ class Scheduler:
         self.waiting.append(req)
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        """True while a request waits or runs (pulls in flight and pins do not count)."""
+        return bool(self.waiting) or bool(self.running)
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         """End a request: drop it from the queues and free its blocks at once."""
         req.status = status
         self.requests.pop(req.request_id, None)
+        self.remote.pop(req.request_id, None)
         if req in self.running:
             self.running.remove(req)
         else:
@@ -75,12 +82,55 @@ class Scheduler:
                 self.waiting.remove(req)
             except ValueError:
                 pass
+        if req.pin_on_finish and status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
+            req.pin_deadline = time.monotonic() + req.pin_timeout_s
+            self.pinned[req.request_id] = req
+        else:
+            self.kv.free(req)
+
+    def release_pinned(self, request_id: str) -> bool:
+        """Free a prefill result's blocks (pulled, or expired). False if not pinned."""
+        req = self.pinned.pop(request_id, None)
+        if req is None:
+            return False
         self.kv.free(req)
+        return True
+
+    def expired_pins(self, now: float) -> list[str]:
+        return [rid for rid, r in self.pinned.items() if r.pin_deadline <= now]
+
+    def add_remote(self, req: Request) -> None:
+        """Track a request whose prompt KV is being pulled; it runs after remote_ready()."""
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.requests[req.request_id] = req
+        self.remote[req.request_id] = req
+
+    def remote_ready(self, request_id: str, ok: bool) -> Request | None:
+        """The pull ended. On success the prompt counts as computed; on failure the blocks
+        go back and the prompt is prefilled locally. Either way the request queues first."""
+        req = self.remote.pop(request_id, None)
+        if req is None:
+            return None  # aborted meanwhile
+        if ok:
+            req.num_computed_tokens = req.num_prompt_tokens
+            req.num_cached_tokens = req.num_prompt_tokens
+            self.kv.cache_full_blocks(req)
+        else:
+            self.kv.free(req)
+            req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+        return req
 
     def abort(self, request_id: str) -> Request | None:
         req = self.requests.get(request_id)
         if req is not None:
+            req.pin_on_finish = False
             self.finish(req, RequestStatus.FINISHED_ABORTED)
+        elif request_id in self.pinned:
+            self.release_pinned(request_id)
         return req
 
     def _preempt(self, req: Request) -> None:
@@ -122,10 +172,9 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             req = self.waiting[0]
-            if req.status is RequestStatus.WAITING_FOR_REMOTE_KV:
-                break
-            cached = self.kv.find_cached_prefix(req)
-            num_cached = len(cached) * self.kv.block_size
+            # A request with computed tokens (KV pulled from a prefill worker) resumes.
+            cached = self.kv.find_cached_prefix(req) if not req.num_computed_tokens else []
+            num_cached = len(cached) * self.kv.block_size or req.num_computed_tokens
             num_new = req.num_tokens - num_cached
             if num_new > budget:
                 # Without chunking a prompt runs whole; one longer than the full budget
@@ -136,7 +185,7 @@ class Scheduler:
             if not self.kv.allocate(req, num_new, cached):
                 break
             self.waiting.popleft()
-            if req.num_preemptions == 0:
+            if req.num_preemptions == 0 and not req.num_cached_tokens:
                 req.num_cached_tokens = num_cached
             req.num_computed_tokens = num_cached
             req.status = RequestStatus.RUNNING

@@ -1,0 +1,109 @@
+"""Engine-level prefill/decode handoff: pinned prefill blocks, remote-KV requests, fallback."""
+
+import pytest
+import torch
+
+from splitserve.engine.sampling_params import SamplingParams
+
+from .factories import tiny_engine, tiny_model_config
+
+CFG = tiny_model_config()
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def run_prefill(eng, rid, prompt, params):
+    eng.add_request(rid, prompt, SamplingParams(**{**params.__dict__, "max_tokens": 1}),
+                    pin_timeout_s=30.0)
+    first = None
+    while eng.has_unfinished():
+        for o in eng.step():
+            first = o.new_token_ids[0]
+    return first
+
+
+def drain(eng, rid):
+    toks = []
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.request_id == rid:
+                toks += o.new_token_ids
+    return toks
+
+
+@pytest.mark.parametrize("pull_ok", [True, False])
+def test_handoff_matches_aggregated(pull_ok):
+    prompt = list(range(3, 30))
+    ref = tiny_engine(CFG).generate([prompt], GREEDY)[0]
+    pre, dec = tiny_engine(CFG), tiny_engine(CFG)
+    first = run_prefill(pre, "r", prompt, GREEDY)
+    assert first == ref[0]
+    blocks, n = pre.pinned_blocks("r")
+    assert n == len(prompt) and len(blocks) == -(-n // 4)
+    assert pre.pool.num_free_blocks == pre.pool.num_blocks - len(blocks)
+
+    plan = dec.add_remote_request("r", prompt, GREEDY, first)
+    assert [i for i, _ in plan] == list(range(len(blocks)))
+    if pull_ok:
+        for i, local in plan:  # the transfer, done here as a tensor copy
+            dec.runner.kv_cache[local] = pre.runner.kv_cache[blocks[i]]
+    assert not dec.has_unfinished()  # waiting for KV does not block the loop
+    dec.remote_ready("r", pull_ok)
+    assert pre.release_pinned("r")
+    out = drain(dec, "r")
+    assert [first] + out == ref
+    assert pre.pool.num_free_blocks == pre.pool.num_blocks
+    assert dec.pool.num_free_blocks == dec.pool.num_blocks
+
+
+def test_decode_side_prefix_cache_skips_blocks():
+    shared = list(range(3, 19))  # 4 full blocks of 4
+    dec = tiny_engine(CFG)
+    dec.generate([shared + [40, 41]], GREEDY)
+    prompt = shared + [50, 51, 52, 53, 54]
+    pre = tiny_engine(CFG)
+    first = run_prefill(pre, "r", prompt, GREEDY)
+    plan = dec.add_remote_request("r", prompt, GREEDY, first)
+    assert [i for i, _ in plan] == [4, 5]  # only the blocks past the shared prefix
+    blocks, _ = pre.pinned_blocks("r")
+    for i, local in plan:
+        dec.runner.kv_cache[local] = pre.runner.kv_cache[blocks[i]]
+    dec.remote_ready("r", True)
+    out = drain(dec, "r")
+    assert [first] + out == tiny_engine(CFG).generate([prompt], GREEDY)[0]
+
+
+def test_pins_expire_and_abort_releases():
+    eng = tiny_engine(CFG)
+    eng.add_request("a", list(range(3, 20)), SamplingParams(max_tokens=1, temperature=0),
+                    pin_timeout_s=0.0)
+    eng.add_request("b", list(range(3, 20)), SamplingParams(max_tokens=1, temperature=0),
+                    pin_timeout_s=60.0)
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.pool.num_free_blocks < eng.pool.num_blocks
+    assert eng.expire_pins() == ["a"]
+    eng.abort("b")
+    assert eng.pool.num_free_blocks == eng.pool.num_blocks
+
+
+def test_abort_during_pull_frees_blocks():
+    eng = tiny_engine(CFG)
+    plan = eng.add_remote_request("r", list(range(3, 20)), GREEDY, 7)
+    assert plan
+    eng.abort("r")
+    assert eng.remote_ready("r", True) is False
+    assert eng.pool.num_free_blocks == eng.pool.num_blocks
+
+
+def test_seeded_sampling_same_as_aggregated():
+    prompt = list(range(3, 30))
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=11, ignore_eos=True)
+    ref = tiny_engine(CFG).generate([prompt], params)[0]
+    pre, dec = tiny_engine(CFG), tiny_engine(CFG)
+    first = run_prefill(pre, "r", prompt, params)
+    blocks, _ = pre.pinned_blocks("r")
+    plan = dec.add_remote_request("r", prompt, params, first)
+    for i, local in plan:
+        dec.runner.kv_cache[local] = pre.runner.kv_cache[blocks[i]]
+    dec.remote_ready("r", True)
+    assert [first] + drain(dec, "r") == ref
