@@ -1,0 +1,159 @@
+"""The `Worker` gRPC service of a decode worker: one AsyncEngine behind Generate/Abort/Stats/Health.
+
+Lifecycle of one Generate call:
+1. the request arrives with token ids and sampling params; bad params or a prompt the
+   engine refuses end the call with INVALID_ARGUMENT (`splitserve-param` trailing metadata
+   names the field) before any token is sent;
+2. the engine prefills locally (the aggregated mode) and each engine output is sent as one
+   GenerateResponse as soon as it is produced;
+3. the call ends after the message with `finished = true`; if the client cancels first
+   (disconnect, stop string matched) the engine request is aborted at once and its KV
+   blocks are freed; `Abort` from a separate call ends the stream with finish_reason
+   "abort" and frees the blocks too.
+
+A request carrying a KV handle (remote prefill, issue 4) goes through `_open_stream`, the
+hook a KV transport plugs into; without one the worker prefills the prompt plus the handle's
+first token itself, so the request still succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from splitserve.engine.errors import EngineInputError
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.proto import worker_pb2, worker_pb2_grpc
+from splitserve.runtime.grpc_util import (
+    PARAM_METADATA_KEY,
+    request_output_to_proto,
+    sampling_params_from_proto,
+    stats_to_proto,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    """Serves one engine; generic over the worker role (a prefill servicer extends it)."""
+
+    def __init__(self, engine: Any, *, worker_id: str, role: str, model_name: str) -> None:
+        self.engine = engine
+        self.worker_id = worker_id
+        self.role = role
+        self.model_name = model_name
+        #: request ids inside a Generate call right now.
+        self._active: set[str] = set()
+        self._serving = True
+
+    # -- lifecycle -----------------------------------------------------------------
+    def set_serving(self, serving: bool) -> None:
+        """False while draining: Health says NOT_SERVING and new Generate calls are refused."""
+        self._serving = serving
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    # -- RPCs ------------------------------------------------------------------------
+    async def Generate(self, request, context):  # noqa: N802 - gRPC method name
+        rid = request.request_id
+        if not self._serving:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} is draining")
+        if not rid:
+            await _abort_invalid(context, "request_id must be set", "request_id")
+        if rid in self._active:
+            await _abort_invalid(context, f"request_id {rid!r} is already running", "request_id")
+        try:
+            params = sampling_params_from_proto(request.sampling_params)
+        except EngineInputError as exc:
+            await _abort_invalid(context, str(exc), exc.param)
+        self._active.add(rid)
+        finished = False
+        try:
+            stream = self._open_stream(request, params)
+            async with contextlib.aclosing(stream):
+                try:
+                    async for out in stream:
+                        finished = finished or out.finished
+                        yield request_output_to_proto(out)
+                        if out.finished:
+                            break
+                except EngineInputError as exc:
+                    await _abort_invalid(context, str(exc), exc.param)
+        except asyncio.CancelledError:
+            logger.debug("Generate %s cancelled by the client", rid)
+            raise
+        finally:
+            self._active.discard(rid)
+            if not finished:
+                # Client went away (or an error): free the request's blocks now.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.engine.abort(rid))
+
+    async def Abort(self, request, context):  # noqa: N802
+        # The engine frees the blocks and ends the request's stream with finish_reason "abort".
+        with contextlib.suppress(Exception):
+            await self.engine.abort(request.request_id)
+        return worker_pb2.AbortResponse()
+
+    async def Stats(self, request, context):  # noqa: N802
+        return stats_to_proto(
+            self.engine.stats(),
+            worker_id=self.worker_id,
+            role=self.role,
+            model=self.model_name,
+            max_model_len=int(self.engine.max_model_len),
+            num_active_requests=self.num_active,
+        )
+
+    async def Health(self, request, context):  # noqa: N802
+        status = (
+            worker_pb2.HealthResponse.SERVING
+            if self._serving
+            else worker_pb2.HealthResponse.NOT_SERVING
+        )
+        return worker_pb2.HealthResponse(status=status, role=self.role, worker_id=self.worker_id)
+
+    # -- hooks -----------------------------------------------------------------------
+    def _open_stream(self, request, params: SamplingParams) -> AsyncIterator[Any]:
+        """The engine stream for one request; a KV transport overrides this for kv_handle."""
+        prompt = list(request.prompt_token_ids)
+        if request.HasField("kv_handle"):
+            return self._local_fallback(request, prompt, params)
+        return self.engine.generate(request.request_id, prompt, params)
+
+    async def _local_fallback(self, request, prompt: list[int], params: SamplingParams):
+        """No KV transport: prefill prompt + the handle's first token here (same result)."""
+        handle = request.kv_handle
+        logger.warning(
+            "request %s carries a KV handle from %s but this worker has no KV transport; "
+            "prefilling locally", request.request_id, handle.worker_id or "?",
+        )
+        if params.max_tokens <= 1:
+            # The prefill side already produced the only token asked for.
+            from splitserve.engine.outputs import RequestOutput
+
+            yield RequestOutput(
+                request_id=request.request_id, new_token_ids=[], finished=True,
+                finish_reason="length", num_prompt_tokens=len(prompt),
+            )
+            return
+        from dataclasses import replace
+
+        rest = replace(params, max_tokens=params.max_tokens - 1)
+        async for out in self.engine.generate(
+            request.request_id, prompt + [int(handle.first_token)], rest
+        ):
+            yield out
+
+
+async def _abort_invalid(context, message: str, param: str | None) -> None:
+    if param:
+        context.set_trailing_metadata(((PARAM_METADATA_KEY, param),))
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)

@@ -1,0 +1,72 @@
+"""`splitserve worker --role decode|prefill`: one engine behind the gRPC Worker service.
+
+When the server is up the worker prints one JSON line on stdout,
+`{"event": "ready", "role": ..., "worker_id": ..., "host": ..., "port": ...}`, which
+`splitserve serve` (and anyone else launching it) reads to learn the bound port. SIGTERM or
+SIGINT drains and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from splitserve.engine.cli import add_engine_args
+
+    p = subparsers.add_parser("worker", help="run one worker (decode or prefill) behind gRPC")
+    p.add_argument("--role", default="decode", choices=["decode", "prefill"],
+                   help="worker role (default decode)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one (default)")
+    p.add_argument("--worker-id", default=None, help="id reported in Stats (default role-host:port)")
+    add_engine_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    return asyncio.run(_main(args))
+
+
+async def _main(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+    import logging
+    import signal
+    import sys
+
+    from splitserve.engine.cli import engine_config_from_args
+    from splitserve.runtime.worker_host import WorkerConfig, WorkerHost
+
+    log = logging.getLogger("splitserve.worker")
+    try:
+        config = WorkerConfig(
+            role=args.role, host=args.host, port=args.port, worker_id=args.worker_id,
+            engine=engine_config_from_args(args),
+        )
+    except ValueError as exc:
+        print(f"splitserve worker: {exc}", file=sys.stderr)
+        return 2
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    host = WorkerHost(config)
+    try:
+        await host.start()
+    except Exception:
+        log.exception("worker failed to start")
+        await host.stop(grace=0)
+        return 1
+    print(json.dumps({
+        "event": "ready", "role": config.role, "worker_id": host.worker_id,
+        "host": config.host, "port": host.port,
+    }), flush=True)
+    await stop.wait()
+    log.info("stopping worker %s", host.worker_id)
+    await host.stop()
+    return 0

@@ -1,0 +1,117 @@
+"""Hosting one worker process: an AsyncEngine behind a grpc.aio server, for any role.
+
+Lifecycle: `start()` builds the engine (loads the model), picks the servicer of the role,
+binds the gRPC port (0 picks a free one; `port` tells which) and starts serving; `stop()`
+flips Health to NOT_SERVING, lets running calls finish for `grace` seconds, cancels the
+rest (which aborts their engine requests) and shuts the engine down.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from splitserve.engine.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+#: role -> "module:ServicerClass"; a servicer takes (engine, worker_id=, role=, model_name=).
+SERVICERS: dict[str, str] = {
+    "decode": "splitserve.decode_worker.service:WorkerServicer",
+    "prefill": "splitserve.prefill_worker.service:PrefillWorkerServicer",
+}
+
+ROLES = tuple(SERVICERS)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One worker process."""
+
+    #: "decode" (generates; prefills locally when no KV handle) or "prefill".
+    role: str = "decode"
+    #: Address to bind; loopback unless told otherwise.
+    host: str = "127.0.0.1"
+    #: gRPC port; 0 picks a free one.
+    port: int = 0
+    #: Stable id reported in Stats/Health; None: "<role>-<host>:<port>".
+    worker_id: str | None = None
+    #: The engine this worker embeds.
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    #: Seconds running calls get to finish on stop().
+    shutdown_grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.role not in SERVICERS:
+            raise ValueError(f"role must be one of {'|'.join(SERVICERS)}, got {self.role!r}")
+        if not (0 <= self.port < 65536):
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.shutdown_grace_s < 0:
+            raise ValueError("shutdown_grace_s must be >= 0")
+
+
+def servicer_class(role: str) -> type:
+    module_name, _, cls = SERVICERS[role].partition(":")
+    return getattr(importlib.import_module(module_name), cls)
+
+
+class WorkerHost:
+    """An engine plus its gRPC server; create, `await start()`, then `await stop()`."""
+
+    def __init__(self, config: WorkerConfig, engine: Any | None = None) -> None:
+        self.config = config
+        self.engine = engine
+        self.servicer: Any = None
+        self._server: Any = None
+        self.port: int | None = None
+
+    @property
+    def worker_id(self) -> str:
+        if self.config.worker_id:
+            return self.config.worker_id
+        return f"{self.config.role}-{self.config.host}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        from splitserve.runtime.grpc_util import loopback_target
+
+        return loopback_target(self.config.host, int(self.port or 0))
+
+    async def start(self) -> None:
+        import grpc
+
+        from splitserve.proto import worker_pb2_grpc
+        from splitserve.runtime.grpc_util import GRPC_OPTIONS, loopback_target
+
+        cls = servicer_class(self.config.role)  # fail fast on a role not built yet
+        if self.engine is None:
+            from splitserve.engine.async_engine import AsyncEngine
+
+            self.engine = AsyncEngine(self.config.engine)
+            await self.engine.start()
+        self._server = grpc.aio.server(options=list(GRPC_OPTIONS))
+        bound = self._server.add_insecure_port(loopback_target(self.config.host, self.config.port))
+        if bound == 0:
+            raise OSError(f"cannot bind gRPC port {self.config.host}:{self.config.port}")
+        self.port = bound
+        self.servicer = cls(
+            self.engine,
+            worker_id=self.worker_id,
+            role=self.config.role,
+            model_name=self.config.engine.model,
+        )
+        worker_pb2_grpc.add_WorkerServicer_to_server(self.servicer, self._server)
+        await self._server.start()
+        logger.info("%s worker %s serving on %s", self.config.role, self.worker_id, self.address)
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self.servicer is not None:
+            self.servicer.set_serving(False)
+        if self._server is not None:
+            await self._server.stop(self.config.shutdown_grace_s if grace is None else grace)
+            self._server = None
+        if self.engine is not None:
+            await self.engine.shutdown()
+            self.engine = None
