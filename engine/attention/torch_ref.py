@@ -51,10 +51,11 @@ class TorchAttentionBackend:
         (for a single query the CPU flash kernel costs several times more)."""
         D, nh, d = q.shape
         g = nh // nkv
-        kv = layer_cache[meta.decode_block_table]  # [D, MB, 2, bs, nkv, d]
-        L = kv.shape[1] * meta.block_size
-        k = kv[:, :, 0].reshape(D, L, nkv, d).permute(0, 2, 3, 1)  # [D, nkv, d, L]
-        v = kv[:, :, 1].reshape(D, L, nkv, d).transpose(1, 2)  # [D, nkv, L, d]
+        table = meta.decode_block_table
+        L = table.shape[1] * meta.block_size
+        # Gather K and V separately: each lands contiguous, so the reshapes are free.
+        k = layer_cache[table, 0].view(D, L, nkv, d).permute(0, 2, 3, 1)  # [D, nkv, d, L]
+        v = layer_cache[table, 1].view(D, L, nkv, d).transpose(1, 2)  # [D, nkv, L, d]
         qg = q.view(D, nkv, g, d) * (d ** -0.5)
         scores = torch.matmul(qg, k).float()  # [D, nkv, g, L]
         scores.masked_fill_(~meta.decode_mask.view(D, 1, 1, L), float("-inf"))

@@ -23,9 +23,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(dtype)
 
 
+class Linear:
+    """y = x @ W.T (+ b). On CPU in bfloat16 the weight is pre-packed for oneDNN, which runs
+    the small-batch (decode) GEMMs about 2x faster than the generic path; float32 keeps
+    F.linear so parity tests compare like with like."""
+
+    __slots__ = ("weight", "bias", "packed")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.weight = weight
+        self.bias = bias
+        self.packed = None
+        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _mkldnn_linear_ok():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def _mkldnn_linear_ok() -> bool:
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
 class _Layer:
-    __slots__ = ("input_norm", "post_norm", "qkv_w", "qkv_b", "o_w", "q_norm", "k_norm",
-                 "gate_up_w", "down_w")
+    __slots__ = ("input_norm", "post_norm", "qkv", "o", "q_norm", "k_norm", "gate_up", "down")
 
 
 class LlamaForCausalLM:
@@ -51,7 +76,7 @@ class LlamaForCausalLM:
 
         self.embed = take("model.embed_tokens.weight")
         self.norm = take("model.norm.weight")
-        self.lm_head = self.embed if cfg.tie_word_embeddings else take("lm_head.weight")
+        self.lm_head = Linear(self.embed if cfg.tie_word_embeddings else take("lm_head.weight"))
         self.layers = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
@@ -59,20 +84,21 @@ class LlamaForCausalLM:
             layer.input_norm = take(p + "input_layernorm.weight")
             layer.post_norm = take(p + "post_attention_layernorm.weight")
             a = p + "self_attn."
-            layer.qkv_w = torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"),
-                                     take(a + "v_proj.weight")]).contiguous()
-            layer.qkv_b = (
+            qkv_w = torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"),
+                               take(a + "v_proj.weight")]).contiguous()
+            qkv_b = (
                 torch.cat([take(a + "q_proj.bias"), take(a + "k_proj.bias"),
                            take(a + "v_proj.bias")]).contiguous()
                 if cfg.attention_bias else None
             )
-            layer.o_w = take(a + "o_proj.weight")
+            layer.qkv = Linear(qkv_w, qkv_b)
+            layer.o = Linear(take(a + "o_proj.weight"))
             layer.q_norm = take(a + "q_norm.weight") if cfg.qk_norm else None
             layer.k_norm = take(a + "k_norm.weight") if cfg.qk_norm else None
             m = p + "mlp."
-            layer.gate_up_w = torch.cat([take(m + "gate_proj.weight"),
-                                         take(m + "up_proj.weight")]).contiguous()
-            layer.down_w = take(m + "down_proj.weight")
+            layer.gate_up = Linear(torch.cat([take(m + "gate_proj.weight"),
+                                              take(m + "up_proj.weight")]).contiguous())
+            layer.down = Linear(take(m + "down_proj.weight"))
             self.layers.append(layer)
 
     @torch.inference_mode()
@@ -89,24 +115,25 @@ class LlamaForCausalLM:
         T = h.shape[0]
         for li, layer in enumerate(self.layers):
             x = rms_norm(h, layer.input_norm, eps)
-            qkv = F.linear(x, layer.qkv_w, layer.qkv_b)
-            q = qkv[:, :q_size].view(T, nh, d)
-            k = qkv[:, q_size : q_size + kv_size].view(T, nkv, d)
+            qkv = layer.qkv(x)
             v = qkv[:, q_size + kv_size :].view(T, nkv, d)
             if layer.q_norm is not None:
-                q = rms_norm(q, layer.q_norm, eps)
-                k = rms_norm(k, layer.k_norm, eps)
-            q = self.rope.apply(q, cos, sin)
-            k = self.rope.apply(k, cos, sin)
+                q = rms_norm(qkv[:, :q_size].view(T, nh, d), layer.q_norm, eps)
+                k = rms_norm(qkv[:, q_size : q_size + kv_size].view(T, nkv, d), layer.k_norm, eps)
+                q = self.rope.apply(q, cos, sin)
+                k = self.rope.apply(k, cos, sin)
+            else:  # q and k side by side: one rotation for both
+                qk = self.rope.apply(qkv[:, : q_size + kv_size].view(T, nh + nkv, d), cos, sin)
+                q, k = qk[:, :nh], qk[:, nh:]
             o = attn.forward(li, q, k, v, kv_cache, meta)
-            h = h + F.linear(o, layer.o_w)
+            h = h + layer.o(o)
             x = rms_norm(h, layer.post_norm, eps)
-            gu = F.linear(x, layer.gate_up_w)
+            gu = layer.gate_up(x)
             x = F.silu(gu[:, :inter]) * gu[:, inter:]
-            h = h + F.linear(x, layer.down_w)
+            h = h + layer.down(x)
         return rms_norm(h, self.norm, eps)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, hidden] → float32 logits [B, vocab]."""
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()
