@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
-from splitserve.engine.kv_hash import hash_token_blocks
+from splitserve.engine.kv_hash import ROOT_HASH, hash_token_blocks
 from splitserve.router.errors import BlockSizeMismatch, EventGap, UnknownWorker
 from splitserve.router.events import (
     AllCleared,
@@ -336,8 +336,39 @@ class KvIndex:
         return hash_token_blocks(token_ids, self.block_size)
 
     def find_matches(self, token_ids: Sequence[int]) -> dict[str, int]:
-        """{worker: number of leading blocks of the prompt it holds}, workers with >= 1."""
-        return self.find_matches_for_hashes(hash_token_blocks(token_ids, self.block_size))
+        """{worker: number of leading blocks of the prompt it holds}, workers with >= 1.
+
+        Hashes lazily, in growing chunks, and stops as soon as no worker holds the prefix so
+        far: a prompt that diverges early costs a few block hashes, not the whole prompt."""
+        bs = self.block_size
+        n_full = len(token_ids) // bs
+        result: dict[str, int] = {}
+        masks = self._masks
+        if n_full == 0 or not masks:
+            return result
+        i = 0
+        chunk = 4
+        active = 0
+        parent = ROOT_HASH
+        while i < n_full:
+            end = min(n_full, i + chunk)
+            hashes = hash_token_blocks(token_ids[i * bs : end * bs], bs, parent)
+            parent = hashes[-1]
+            for h in hashes:
+                m = masks.get(h, 0)
+                if i == 0:
+                    active = m
+                else:
+                    dropped = active & ~m
+                    if dropped:
+                        self._credit(dropped, i, result)
+                        active &= m
+                if not active:
+                    return result
+                i += 1
+            chunk = min(chunk * 2, 64)
+        self._credit(active, i, result)
+        return result
 
     def find_matches_for_hashes(self, block_hashes: Sequence[int]) -> dict[str, int]:
         """Same as find_matches, from the prompt's chained block hashes."""

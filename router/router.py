@@ -161,9 +161,8 @@ class Router:
         return hash_token_blocks(token_ids, self.config.block_size)
 
     def find_matches(self, token_ids: Sequence[int]) -> dict[str, int]:
-        if self._num_approx:
-            self.index.expire()
-        return self.index.find_matches(token_ids)
+        """{worker: leading prompt blocks it holds} over both pools."""
+        return self._matches(token_ids, None)
 
     def select(
         self,
@@ -175,12 +174,13 @@ class Router:
         exclude: Collection[str] = (),
     ) -> Selection:
         """Pick a worker of the role's pool. With `request_id` the request is booked in the
-        load view (then call on_first_token / on_finished). Raises NoWorkerAvailable."""
+        load view (then call on_first_token / on_finished). Raises NoWorkerAvailable.
+        `block_hashes` (optional) are the prompt's chained hashes if already computed."""
         role = Role(role)
-        hashes = block_hashes if block_hashes is not None else self.hash_tokens(token_ids)
-        sel = self._select(role, hashes, len(token_ids), exclude)
+        matches = self._matches(token_ids, block_hashes)
+        sel = self._select(role, matches, len(token_ids), exclude)
         if request_id is not None:
-            self._commit(request_id, sel, hashes, len(token_ids))
+            self._commit(request_id, sel, token_ids, block_hashes)
         return sel
 
     def route(
@@ -193,28 +193,37 @@ class Router:
         """Pick the decode worker and, when the prompt's uncached part there is longer than
         `max_local_prefill_tokens` and a prefill worker is free, a prefill worker. Without a
         prefill pool this is select(role=aggregated). Books the request with `request_id`."""
-        hashes = block_hashes if block_hashes is not None else self.hash_tokens(token_ids)
+        matches = self._matches(token_ids, block_hashes)
         n = len(token_ids)
         if not self._pools["prefill"]:
-            plan = RoutePlan(self._select(Role.AGGREGATED, hashes, n, ()))
+            plan = RoutePlan(self._select(Role.AGGREGATED, matches, n, ()))
         else:
-            dec = self._select(Role.DECODE, hashes, n, ())
+            dec = self._select(Role.DECODE, matches, n, ())
             plan = RoutePlan(replace(dec, role=Role.AGGREGATED))
             uncached = n - dec.overlap_blocks * self.config.block_size
             if uncached > self.config.max_local_prefill_tokens:
                 try:
-                    plan = RoutePlan(dec, self._select(Role.PREFILL, hashes, n, ()))
+                    plan = RoutePlan(dec, self._select(Role.PREFILL, matches, n, ()))
                 except NoWorkerAvailable:
                     pass  # prefill pool saturated: prefill on the decode worker
         if request_id is not None:
-            self._commit(request_id, plan.decode, hashes, n)
+            self._commit(request_id, plan.decode, token_ids, block_hashes)
             if plan.prefill is not None:
-                self._commit(request_id, plan.prefill, hashes, n)
+                self._commit(request_id, plan.prefill, token_ids, block_hashes)
                 self._counters["remote_prefills"] += 1
         return plan
 
+    def _matches(
+        self, token_ids: Sequence[int], block_hashes: Sequence[int] | None
+    ) -> dict[str, int]:
+        if self._num_approx:
+            self.index.expire()
+        if block_hashes is not None:
+            return self.index.find_matches_for_hashes(block_hashes)
+        return self.index.find_matches(token_ids)  # hashes lazily, stops at the last match
+
     def _select(
-        self, role: Role, hashes: Sequence[int], num_tokens: int, exclude: Collection[str]
+        self, role: Role, matches: dict[str, int], num_tokens: int, exclude: Collection[str]
     ) -> Selection:
         cfg = self.config
         pool_name = _pool_of(role)
@@ -222,8 +231,6 @@ class Router:
         if not pool:
             self._counters["no_worker"] += 1
             raise NoWorkerAvailable(f"no {pool_name} workers", cfg.retry_after_s)
-        if self._num_approx:
-            self.index.expire()
         ids, prefill, active = self.load.eligible(
             pool, cfg.max_active_blocks_frac, cfg.max_queue, exclude
         )
@@ -232,19 +239,24 @@ class Router:
             raise NoWorkerAvailable(
                 f"all {len(pool)} {pool_name} workers are busy", cfg.retry_after_s
             )
-        matches = self.index.find_matches_for_hashes(hashes)
         overlaps = [matches.get(w, 0) for w in ids] if matches else [0] * len(ids)
+        num_blocks = num_tokens // cfg.block_size
         turn = self._turns[pool_name]
         self._turns[pool_name] = turn + 1
         i, cost = choose(
-            role, overlaps, prefill, active, num_tokens, len(hashes), cfg, self.rng, turn
+            role, overlaps, prefill, active, num_tokens, num_blocks, cfg, self.rng, turn
         )
-        return Selection(ids[i], overlaps[i], cost, len(hashes), role)
+        return Selection(ids[i], overlaps[i], cost, num_blocks, role)
 
     def _commit(
-        self, request_id: str, sel: Selection, hashes: Sequence[int], num_tokens: int
+        self,
+        request_id: str,
+        sel: Selection,
+        token_ids: Sequence[int],
+        block_hashes: Sequence[int] | None,
     ) -> None:
         bs = self.config.block_size
+        num_tokens = len(token_ids)
         blocks = -(-num_tokens // bs)
         uncached = max(0, num_tokens - sel.overlap_blocks * bs)
         if sel.role is Role.PREFILL:
@@ -260,7 +272,9 @@ class Router:
             self._counters["requests"] += 1
             self._counters["prompt_blocks"] += sel.num_blocks
             self._counters["overlap_blocks"] += sel.overlap_blocks
-        self.index.record_routed(sel.worker_id, hashes)
+        if self._num_approx and self.index.is_approximate(sel.worker_id):
+            hashes = block_hashes if block_hashes is not None else self.hash_tokens(token_ids)
+            self.index.record_routed(sel.worker_id, hashes)
 
     # -- request progress ---------------------------------------------------------------------
     def on_first_token(self, request_id: str) -> None:

@@ -293,3 +293,20 @@ def test_approximate_capacity_follows_pool_size():
     index.record_routed("a", CHAINS[0])
     assert index.num_worker_blocks("a") == 4
     assert index.remove_worker("a") == 4 and index.num_blocks == 0
+
+
+def test_lazy_token_matching_equals_hash_matching_across_chunk_boundaries():
+    rng = random.Random(5)
+    tokens = [rng.randrange(1000) for _ in range(300 * BS + 3)]
+    chain = hash_token_blocks(tokens, BS)
+    index = KvIndex(BS)
+    lengths = [1, 3, 4, 5, 12, 13, 27, 28, 29, 60, 61, 124, 125, 188, 189, 250, 300]
+    for i, n in enumerate(lengths):
+        index.add_worker(f"w{i}", BS)
+        index.apply(batch(f"w{i}", 1, stored(chain[:n])))
+    expected = {f"w{i}": n for i, n in enumerate(lengths)}
+    assert index.find_matches_for_hashes(chain) == expected
+    assert index.find_matches(tokens) == expected
+    for cut in (0, 1, 4, 5, 29, 130, 299):
+        want = {w: min(n, cut) for w, n in expected.items() if min(n, cut)}
+        assert index.find_matches(tokens[: cut * BS + 2]) == want

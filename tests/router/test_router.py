@@ -269,3 +269,13 @@ def test_busy_from_stats_only_while_they_are_fresh():
         router.select(prompt(0))
     clock.t += 6.0                                                     # stats went stale
     assert router.select(prompt(0)).worker_id == "d0"
+
+
+def test_precomputed_hashes_give_the_same_choice():
+    router, workers, _ = make(3)
+    workers[2].prefill(router, prompt(0, 40))
+    toks = prompt(0, 40) + prompt(1, 24)
+    a = router.select(toks)
+    b = router.select(toks, block_hashes=router.hash_tokens(toks))
+    assert (a.worker_id, a.overlap_blocks, a.num_blocks) == (b.worker_id, b.overlap_blocks,
+                                                             b.num_blocks) == ("d2", 10, 16)

@@ -30,13 +30,13 @@ async def wait_for(cond, timeout=5.0):
 class FakeWorker:
     """A worker's prefix cache publishing through a KvEventServer on a loopback port."""
 
-    def __init__(self, wid="w0", bs=BS, **kw):
+    def __init__(self, wid="w0", bs=BS, stats_interval_s=0.02, **kw):
         self.cache: set[int] = set()
         self.bs = bs
         self.events = KvEventServer(
             wid, bs, snapshot_source=lambda: list(self.cache),
             stats_source=lambda: EngineStats(1, 2, 70, 100, bs), total_blocks=100,
-            flush_interval_s=0.002, stats_interval_s=0.02, **kw)
+            flush_interval_s=0.002, stats_interval_s=stats_interval_s, **kw)
         self.server = grpc.aio.server()
         self.events.attach(self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
@@ -114,12 +114,20 @@ async def test_block_size_mismatch_refused_at_subscribe():
 
 async def test_dropped_batches_cause_gap_and_resync():
     router = new_router()
-    w = FakeWorker(max_queue_batches=2)
+    w = FakeWorker(max_queue_batches=2, stats_interval_s=60.0)
     target = await w.start()
     sub = KvEventSubscriber(router, target)
     sub.start()
     try:
         await asyncio.wait_for(sub.ready.wait(), 5)
+        await asyncio.sleep(0.05)                   # the first stats message is read
+        # The 3rd batch overflows the queue and no batch follows it: only the snapshot
+        # sent in its place can bring the router up to date.
+        for s in range(3):
+            w.store(router, prompt(s), flush=True)
+        await wait_for(lambda: all(router.find_matches(prompt(s)) == {"w0": 8}
+                                   for s in range(3)))
+        assert w.events.dropped_batches == 3 and sub.resyncs == 1
         for s in range(40):                         # no await: the queue overflows
             w.store(router, prompt(s), flush=True)
         await wait_for(lambda: all(router.find_matches(prompt(s)) == {"w0": 8}
