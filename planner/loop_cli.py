@@ -1,0 +1,119 @@
+"""`splitserve planner`: the SLO planner, live.
+
+    splitserve planner --ttft-ms 500 --itl-ms 50 --connector dry-run|kubernetes \
+        --interval 30s --metrics-url http://FRONTEND/metrics [--profile FILE]
+
+Scrapes the frontends' Prometheus metrics every interval, sizes the pools and applies the
+result through the connector, until SIGINT or SIGTERM. `local` and `ray` connectors come
+with the serving stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from splitserve.planner.cli_common import (
+    add_planner_args,
+    add_pool_limit_args,
+    add_profile_arg,
+    add_slo_args,
+    parse_duration,
+    planner_config_kwargs,
+)
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("planner", help="run the SLO planner loop live", description=__doc__.splitlines()[0])
+    add_slo_args(p, required=True)
+    p.add_argument("--connector", default="dry-run", help="dry-run | kubernetes (default dry-run)")
+    p.add_argument("--interval", type=parse_duration, default=30.0, help="tick interval (default 30s)")
+    p.add_argument(
+        "--metrics-url",
+        action="append",
+        required=True,
+        help="a frontend's Prometheus URL, e.g. http://127.0.0.1:8000/metrics (repeat for several)",
+    )
+    p.add_argument("--scrape-timeout", type=parse_duration, default=5.0, help="per-scrape timeout (default 5s)")
+    add_profile_arg(p)
+    add_pool_limit_args(p)
+    add_planner_args(p)
+    p.add_argument("--max-ticks", type=int, default=None, help="stop after this many decisions (tests)")
+    d = p.add_argument_group("dry-run connector")
+    d.add_argument("--record", default=None, metavar="FILE.jsonl", help="append each decision to FILE.jsonl")
+    d.add_argument("--initial-prefill", type=int, default=1, help="pretended prefill replicas at start (default 1)")
+    d.add_argument("--initial-decode", type=int, default=1, help="pretended decode replicas at start (default 1)")
+    k = p.add_argument_group("kubernetes connector")
+    k.add_argument("--k8s-namespace", default="default", help="namespace of the Deployments (default: default)")
+    k.add_argument("--k8s-prefill-deployment", default="splitserve-prefill", help="prefill Deployment name")
+    k.add_argument("--k8s-decode-deployment", default="splitserve-decode", help="decode Deployment name")
+    p.set_defaults(func=run)
+
+
+def _connector_options(args: argparse.Namespace) -> dict:
+    if args.connector == "dry-run":
+        return {
+            "prefill_replicas": args.initial_prefill,
+            "decode_replicas": args.initial_decode,
+            "record_path": args.record,
+        }
+    if args.connector == "kubernetes":
+        return {
+            "namespace": args.k8s_namespace,
+            "prefill_deployment": args.k8s_prefill_deployment,
+            "decode_deployment": args.k8s_decode_deployment,
+        }
+    return {}
+
+
+def run(args: argparse.Namespace) -> int:
+    from splitserve.planner.config import PlannerConfig
+    from splitserve.planner.connectors import ConnectorError, create_connector
+    from splitserve.planner.core import Planner
+    from splitserve.planner.loop import run_loop
+    from splitserve.planner.observe import PrometheusObserver
+    from splitserve.planner.profile import ProfileError, load_profile
+
+    try:
+        profile = load_profile(args.profile)
+        config = PlannerConfig(**planner_config_kwargs(args, args.interval, None))
+        connector = create_connector(args.connector, **_connector_options(args))
+    except (ProfileError, ConnectorError, ValueError) as exc:
+        print(f"splitserve planner: {exc}", file=sys.stderr)
+        return 2
+    observer = PrometheusObserver(args.metrics_url, timeout_s=args.scrape_timeout)
+    stop = threading.Event()
+    previous = {}
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping after this tick", signum)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, _stop)
+        except ValueError:  # not the main thread (embedded use): rely on the caller's stop
+            pass
+    log.info(
+        "planner: ttft %.0f ms, itl %.0f ms, every %.1f s, connector %s, metrics %s",
+        config.ttft_ms, config.itl_ms, config.interval_s, args.connector, ", ".join(args.metrics_url),
+    )
+    try:
+        n = run_loop(
+            Planner(config, profile),
+            observer,
+            connector,
+            interval_s=config.interval_s,
+            stop=stop,
+            max_ticks=args.max_ticks,
+        )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("planner stopped after %d decisions", n)
+    return 0
