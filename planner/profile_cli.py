@@ -1,0 +1,170 @@
+"""`splitserve profile`: measure prefill and decode performance of one replica.
+
+Runs the engine in-process with the worker's settings (threads, dtype, block size):
+- prefill: time to first token of one prompt per input length on an idle engine, no
+  prefix reuse;
+- decode: step time (inter-token latency) for a grid of concurrency × context. Decode
+  cost does not depend on what the KV cache holds, so the grid's contexts are admitted as
+  already-prefilled requests (the disaggregated path) instead of being prefilled first.
+Writes the profile JSON the planner reads (format: planner/profile.py) and, with --plot,
+PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_ISL = [128, 256, 512, 1024, 2048]
+DEFAULT_BATCH = [1, 2, 4, 8, 16, 32]
+DEFAULT_CONTEXT = [256, 512, 1024, 2048]
+
+
+def register(subparsers) -> None:
+    from splitserve.engine.cli import add_engine_args
+
+    p = subparsers.add_parser("profile", help="measure prefill/decode performance for the planner")
+    p.add_argument("--json", dest="json_path", required=True, help="write the profile here")
+    p.add_argument("--plot", default=None, help="directory for PNG plots (needs matplotlib)")
+    p.add_argument("--quick", action="store_true", help="a coarse grid (about a minute)")
+    p.add_argument("--isl", type=int, nargs="+", default=None)
+    p.add_argument("--batch", type=int, nargs="+", default=None)
+    p.add_argument("--context", type=int, nargs="+", default=None)
+    p.add_argument("--decode-steps", type=int, default=8, help="timed decode steps per cell")
+    add_engine_args(p)
+    p.set_defaults(func=run, num_threads=1, dtype="bfloat16")
+
+
+def _random_prompt(rng, n: int, vocab: int) -> list[int]:
+    return [rng.randrange(300, vocab) for _ in range(n)]
+
+
+def measure_prefill(engine, isls: list[int], rng, progress) -> tuple[list[float], list[float]]:
+    import time
+
+    from splitserve.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    vocab = engine.model_config.vocab_size
+    engine.generate([_random_prompt(rng, 64, vocab)], params)  # warm-up
+    ttft, tok_s = [], []
+    for isl in progress(isls, desc="prefill", unit="len"):
+        engine.pool.reset_prefix_cache()
+        best = float("inf")
+        for _ in range(2):
+            prompt = _random_prompt(rng, isl, vocab)
+            t0 = time.perf_counter()
+            engine.generate([prompt], params)
+            best = min(best, time.perf_counter() - t0)
+        ttft.append(best * 1e3)
+        tok_s.append(isl / best)
+    engine.pool.reset_prefix_cache()
+    return ttft, tok_s
+
+
+def measure_decode_cell(engine, batch: int, ctx: int, steps: int, rng) -> float:
+    """Mean step time (ms) with `batch` requests decoding at context ~ctx."""
+    import time
+
+    from splitserve.engine.sampling_params import SamplingParams
+
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=steps + 3, temperature=0, ignore_eos=True)
+    ids = []
+    for i in range(batch):
+        rid = f"prof-{batch}-{ctx}-{i}"
+        plan = engine.add_remote_request(rid, _random_prompt(rng, ctx, vocab), params, 300)
+        if plan is None:
+            raise RuntimeError("KV cache too small for this cell")
+        engine.remote_ready(rid, True)
+        ids.append(rid)
+    engine.step()  # admits every request (one token each)
+    engine.step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    dt = (time.perf_counter() - t0) / steps
+    for rid in ids:
+        engine.abort(rid)
+    engine.pool.reset_prefix_cache()
+    return dt * 1e3
+
+
+def run(args: argparse.Namespace) -> int:
+    import datetime
+    import random
+    import sys
+
+    from tqdm import tqdm
+
+    from splitserve.bench.common import machine_info
+    from splitserve.engine.cli import engine_config_from_args
+    from splitserve.engine.engine import Engine
+    from splitserve.planner.profile import PROFILE_FORMAT_VERSION, Profile, save_profile
+
+    isls = args.isl or ([128, 512, 1024] if args.quick else DEFAULT_ISL)
+    batches = args.batch or ([1, 4, 16] if args.quick else DEFAULT_BATCH)
+    contexts = args.context or ([256, 1024] if args.quick else DEFAULT_CONTEXT)
+    config = engine_config_from_args(
+        args, max_num_seqs=max(batches) + 1,
+        max_num_batched_tokens=max(args.max_num_batched_tokens, max(isls), max(batches) + 1),
+    )
+    engine = Engine(config)
+    rng = random.Random(0)
+    capacity = engine.pool.num_blocks * config.block_size
+    ttft, ptok = measure_prefill(engine, isls, rng, tqdm)
+    itl = [[None] * len(contexts) for _ in batches]
+    dtok = [[None] * len(contexts) for _ in batches]
+    cells = [(i, j) for i in range(len(batches)) for j in range(len(contexts))]
+    for i, j in tqdm(cells, desc="decode", unit="cell"):
+        b, c = batches[i], contexts[j]
+        if b * (c + args.decode_steps + 4) > capacity:
+            continue  # beyond KV capacity: left null, as the format says
+        ms = measure_decode_cell(engine, b, c, args.decode_steps, rng)
+        itl[i][j] = ms
+        dtok[i][j] = b / (ms / 1e3)
+    info = machine_info()
+    data = {
+        "version": PROFILE_FORMAT_VERSION,
+        "metadata": {
+            "model": args.model, "dtype": str(engine.runner.dtype).replace("torch.", ""),
+            "threads": config.num_threads or info.get("torch_threads"),
+            "block_size": config.block_size, "machine": info.get("cpu", info["platform"]),
+            "device": engine.runner.device.type, "kv_capacity_tokens": capacity,
+            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "command": "splitserve " + " ".join(sys.argv[1:]),
+        },
+        "prefill": {"isl": isls, "ttft_ms": ttft, "tok_s": ptok},
+        "decode": {"batch": batches, "context": contexts, "itl_ms": itl, "tok_s": dtok},
+    }
+    profile = Profile.from_dict(data)  # validates
+    save_profile(profile, args.json_path)
+    if args.plot:
+        _plot(profile, data, args.plot)
+    print(f"profile written to {args.json_path}")
+    return 0
+
+
+def _plot(profile, data: dict, out_dir: str) -> None:
+    from pathlib import Path
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib (pip install matplotlib); skipped")
+        return
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot(data["prefill"]["isl"], data["prefill"]["ttft_ms"], "o-")
+    ax[0].set(xlabel="input tokens", ylabel="TTFT (ms)", title="prefill")
+    for j, c in enumerate(data["decode"]["context"]):
+        xs = [b for i, b in enumerate(data["decode"]["batch"]) if data["decode"]["itl_ms"][i][j] is not None]
+        ys = [v[j] for v in data["decode"]["itl_ms"] if v[j] is not None]
+        ax[1].plot(xs, ys, "o-", label=f"context {c}")
+    ax[1].set(xlabel="concurrent requests", ylabel="ITL (ms)", title="decode")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "profile.png")

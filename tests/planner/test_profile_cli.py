@@ -1,0 +1,24 @@
+"""`splitserve profile` on the real default model, on a tiny grid."""
+
+import json
+
+import pytest
+
+from splitserve.planner.profile import load_profile
+from splitserve.runtime.cli import main
+
+
+@pytest.mark.live
+def test_profile_command_writes_a_valid_profile(tmp_path):
+    out = tmp_path / "p.json"
+    rc = main(["profile", "--json", str(out), "--isl", "32", "96", "--batch", "1", "3",
+               "--context", "32", "64", "--decode-steps", "2", "--kv-cache-memory", "16MiB"])
+    assert rc == 0
+    prof = load_profile(out)
+    data = json.loads(out.read_text())
+    assert data["metadata"]["threads"] == 1 and data["metadata"]["model"] == "smollm2-135m"
+    assert all(v > 0 for v in data["prefill"]["ttft_ms"])
+    # Longer prompts take longer to prefill.
+    assert data["prefill"]["ttft_ms"][1] > data["prefill"]["ttft_ms"][0]
+    assert all(v is not None and v > 0 for row in data["decode"]["itl_ms"] for v in row)
+    assert prof.decode_itl_ms(1, 32) > 0
