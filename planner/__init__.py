@@ -8,7 +8,9 @@ Layout:
 - `core`        `Planner.on_tick(observations) -> Decision`, pure (no I/O);
 - `observe`     observations from the frontend's Prometheus `/metrics`;
 - `connectors`  apply decisions (dry-run, Kubernetes);
-- `simulator`   trace-driven simulation of the two pools with the planner in the loop.
+- `simulator`   trace-driven simulation of the two pools with the planner in the loop;
+- `loop`        the live loop (observe -> on_tick -> apply) behind `splitserve planner`;
+- `cli`, `simulate_cli`, `loop_cli`: `splitserve plan`, `simulate`, `planner`.
 
 Nothing here is imported eagerly: `splitserve --help` stays fast.
 """

@@ -7,8 +7,11 @@ the interpolation and the SLO math must return:
 - decode: itl_ms(b, ctx) = itl_base + itl_per_seq * b + itl_per_ktok * b * ctx / 1000,
   tok_s = b * 1000 / itl_ms; cells with b * ctx > kv_capacity are null.
 
-Run as a script to write one (for `splitserve simulate --profile` experiments):
+Run as a script to write one (for `splitserve simulate --profile` experiments), optionally
+overriding closed-form parameters:
     .venv/bin/python tests/planner/factories.py /tmp/synthetic-profile.json
+    .venv/bin/python tests/planner/factories.py /tmp/cpu-like.json prefill_tok_s=4000 \
+        ttft_base_ms=30 itl_base_ms=15 itl_per_seq_ms=0.3 itl_per_ktok_ms=0.1 kv_capacity_tokens=100000
 """
 
 from __future__ import annotations
@@ -84,5 +87,9 @@ def write_profile(path: str | Path, **kwargs: Any) -> Path:
 
 
 if __name__ == "__main__":
-    out = write_profile(sys.argv[1] if len(sys.argv) > 1 else "synthetic-profile.json")
+    overrides = {}
+    for arg in sys.argv[2:]:
+        key, _, value = arg.partition("=")
+        overrides[key] = int(value) if key == "kv_capacity_tokens" else float(value)
+    out = write_profile(sys.argv[1] if len(sys.argv) > 1 else "synthetic-profile.json", **overrides)
     print(out)

@@ -113,3 +113,24 @@ def test_observer_baseline_then_differences_and_several_frontends():
     assert calls[0] == ("http://a/metrics", 2.0)
     with pytest.raises(ValueError):
         PrometheusObserver([])
+
+
+def test_contract_with_the_frontend_metrics():
+    """The planner reads exactly what frontend/metrics.py exports."""
+    fm_mod = pytest.importorskip("splitserve.frontend.metrics")
+    fm = fm_mod.FrontendMetrics()
+    before = parse_metrics(fm.render().decode())
+    for _ in range(4):
+        fm.requests.labels(status="success").inc()
+        fm.ttft.observe(0.3)
+        fm.input_tokens.observe(1000)
+        fm.output_tokens.observe(50)
+        for _ in range(49):
+            fm.itl.observe(0.02)
+    fm.requests.labels(status="error").inc()
+    after = parse_metrics(fm.render().decode())
+    o = observations_between(before, after, interval_s=5.0, timestamp=5.0, prefill_replicas=1, decode_replicas=1)
+    assert o.request_rate == pytest.approx(5 / 5.0)
+    assert o.mean_ttft_ms == pytest.approx(300.0)
+    assert o.mean_itl_ms == pytest.approx(20.0)
+    assert o.mean_isl == pytest.approx(1000.0) and o.mean_osl == pytest.approx(50.0)
