@@ -22,8 +22,9 @@ Lifecycle (both workers run the same calls from their event loop):
         # case the local blocks must not be reused). No notice is sent on failure: the serve
         # side's own timeout frees its blocks.
 
-    # prefill worker (serve side): keep one consumer running for the worker's life; on NIXL
-    # it also drives the agent's progress.
+    # prefill worker (serve side): keep one consumer running for the worker's life. On NIXL
+    # it also drives the agent's progress, which the first READ from each new peer (UCX
+    # connection wire-up) waits for: without a consumer that pull hangs until its timeout.
     async for note in t.notifications():    # Notification(peer=<puller name>, msg=notify_msg)
         free_pinned_blocks(note.msg)
 

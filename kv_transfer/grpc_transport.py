@@ -168,12 +168,7 @@ class GrpcTransport:
                 n = len(chunk) // bb
                 if n * bb != len(chunk) or done + n > local_idx.size:
                     raise KvTransferError(f"peer {peer!r} sent {len(chunk)} B, not whole requested blocks", peer=peer)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read it
-                    src = torch.frombuffer(chunk, dtype=torch.uint8).view(n, bb)
-                if self.layout.device_type != "cpu":
-                    src = src.to(self._pool.device)
-                self._pool.index_copy_(0, local_t[done:done + n], src)
+                self._scatter(chunk, local_idx[done:done + n], local_t[done:done + n])
                 done += n
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -188,6 +183,21 @@ class GrpcTransport:
                 call.cancel()
         if done != local_idx.size:
             raise KvTransferError(f"peer {peer!r} sent {done} of {local_idx.size} blocks", peer=peer)
+
+    def _scatter(self, chunk: bytes, ids: np.ndarray, ids_t: torch.Tensor) -> None:
+        """Copy whole blocks `chunk` into local blocks `ids` (plain memcpy on CPU: no OpenMP)."""
+        import torch
+
+        n, bb = int(ids.size), self.layout.block_bytes
+        if self._pool_np is not None:
+            src = np.frombuffer(chunk, dtype=np.uint8).reshape(n, bb)
+            for k, i in enumerate(ids.tolist()):
+                self._pool_np[i] = src[k]
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read it
+            src_t = torch.frombuffer(chunk, dtype=torch.uint8).view(n, bb)
+        self._pool.index_copy_(0, ids_t.to(self._pool.device), src_t.to(self._pool.device))
 
     # -- serve side ----------------------------------------------------------------------------
     async def _serve_read(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:

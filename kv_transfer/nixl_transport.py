@@ -63,6 +63,21 @@ def _block_descs(layout: PoolLayout) -> np.ndarray:
     return descs
 
 
+def _route_nixl_logging() -> None:
+    """Send nixl's Python log records through the application's logging, not to stdout.
+
+    nixl configures its "nixl" logger with its own handler on sys.stdout at INFO (which would
+    interleave with a CLI's JSON on stdout) and propagate=False. Drop that handler, propagate,
+    and keep its routine INFO lines out unless NIXL_LOG_LEVEL asked for another level.
+    """
+    nixl_logger = logging.getLogger("nixl")
+    for handler in list(nixl_logger.handlers):
+        nixl_logger.removeHandler(handler)
+    nixl_logger.propagate = True
+    if nixl_logger.level == logging.INFO:
+        nixl_logger.setLevel(logging.WARNING)
+
+
 def _mem_type(layout: PoolLayout) -> str:
     return "VRAM" if layout.device_type == "cuda" else "DRAM"
 
@@ -106,10 +121,14 @@ class NixlTransport:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     def _open_sync(self) -> bytes:
+        raise_exceptions = logging.raiseExceptions
         try:
             from nixl._api import nixl_agent, nixl_agent_config
         except Exception as exc:  # ImportError, or a broken native library
             raise KvTransportUnavailable(f"nixl is not importable: {exc}") from exc
+        finally:
+            logging.raiseExceptions = raise_exceptions  # nixl's logging setup turns it off globally
+        _route_nixl_logging()
         try:
             self._agent = nixl_agent(
                 self.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 from types import MappingProxyType
@@ -47,7 +48,8 @@ async def create_transport(
     config = config or KvTransferConfig()
     if kind in ("auto", "nixl"):
         try:
-            transport = transport_class("nixl")(name, kv_cache, config)
+            # agent start-up and pool registration take a moment: keep them off the event loop
+            transport = await asyncio.to_thread(transport_class("nixl"), name, kv_cache, config)
         except KvTransportUnavailable as exc:
             if kind == "nixl":
                 raise
