@@ -71,10 +71,18 @@ def create_app(
     async def lifespan(app: FastAPI):
         worker_pool.on_stats.append(metrics.observe_pool)
         worker_pool.on_remove.append(metrics.forget_worker)
+        sync = None
+        if config.discovery_url:
+            from splitserve.frontend.discovery_sync import DiscoverySync
+
+            sync = DiscoverySync(worker_pool, config.discovery_url, model=config.model)
+            await sync.start()
         await worker_pool.start()
         try:
             yield
         finally:
+            if sync is not None:
+                await sync.stop()
             await worker_pool.close()
 
     app = FastAPI(title="splitserve", version="0.1.0", lifespan=lifespan)

@@ -16,6 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_frontend_args(p)
     p.add_argument("--worker", action="append", default=[], metavar="ROLE=HOST:PORT",
                    help="a worker to send requests to (repeatable), e.g. decode=127.0.0.1:50051")
+    p.add_argument("--discovery", default=None, metavar="URL",
+                   help="also take workers from discovery: embedded://NAME or etcd://HOST:PORT/NS")
     p.set_defaults(func=run)
 
 
@@ -56,6 +58,7 @@ def config_from_args(args: argparse.Namespace):
         max_model_len=args.max_model_len,
         api_key=args.api_key,
         stats_interval_s=args.stats_interval,
+        discovery_url=getattr(args, "discovery", None),
     )
 
 

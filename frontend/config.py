@@ -22,6 +22,9 @@ class FrontendConfig:
     max_model_len: int | None = None
     #: When set, `/v1/*` requires `Authorization: Bearer <api_key>`.
     api_key: str | None = None
+    #: Discovery URL (`embedded://NAME`, `etcd://HOST:PORT/NS`) whose workers join the pool;
+    #: None: only the workers given explicitly.
+    discovery_url: str | None = None
     #: Seconds between Stats polls of every worker (load, KV usage, health).
     stats_interval_s: float = 1.0
     #: Retry-After seconds sent with a 503.

@@ -1,6 +1,7 @@
 """The frontend's set of workers: add/remove, list by role, health, load, and the choice of one.
 
-Lifecycle: `add()` workers (from `--worker role=host:port` flags now, from discovery later);
+Lifecycle: `add()` workers (from `--worker role=host:port` flags, or from discovery through
+`frontend.discovery_sync`);
 `start()` polls every worker's Stats once, then every `stats_interval_s` in the background —
 a worker counts as healthy after a successful poll and stops counting after a failed one
 (or a failed call). `pick(role)` asks the selector for one healthy worker: least-loaded by
@@ -188,9 +189,9 @@ class WorkerPool:
             logger.warning("worker %s marked unhealthy%s", worker_id, f": {reason}" if reason else "")
 
     # -- health / stats polling ------------------------------------------------------------
-    async def refresh(self) -> None:
-        """Poll every worker's Stats once (concurrently)."""
-        workers = list(self._workers.values())
+    async def refresh(self, workers: Sequence[WorkerClient] | None = None) -> None:
+        """Poll the Stats of `workers` (default: every worker) once, concurrently."""
+        workers = list(self._workers.values()) if workers is None else list(workers)
         results = await asyncio.gather(*(w.fetch_stats() for w in workers), return_exceptions=True)
         for w, res in zip(workers, results):
             if isinstance(res, BaseException):

@@ -168,6 +168,23 @@ class ProcessGroup:
         self.children.append(child)
         return child
 
+    def wait_all_ready(self, timeout: float, cancelled: threading.Event | None = None) -> None:
+        """Block until every child printed its ready event; ChildFailed as soon as any exits."""
+        deadline = time.monotonic() + timeout
+        pending = [c for c in self.children if c.ready_event is None]
+        while pending:
+            for child in list(pending):
+                try:
+                    child.wait_ready(0.0, cancelled)
+                    pending.remove(child)
+                    logger.info("%s is ready", child.name)
+                except ChildFailed as exc:
+                    if exc.returncode is not None or (cancelled is not None and cancelled.is_set()):
+                        raise
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(c.name for c in pending)
+                raise ChildFailed(pending[0].name, None, f"not ready after {timeout:.0f}s: {names}")
+
     def first_exited(self) -> ChildProcess | None:
         for child in self.children:
             if child.poll() is not None:

@@ -1,9 +1,9 @@
 """`splitserve worker --role decode|prefill`: one engine behind the gRPC Worker service.
 
-When the server is up the worker prints one JSON line on stdout,
-`{"event": "ready", "role": ..., "worker_id": ..., "host": ..., "port": ...}`, which
-`splitserve serve` (and anyone else launching it) reads to learn the bound port. SIGTERM or
-SIGINT drains and exits 0.
+When the server is up (and registered with `--discovery`, if given) the worker prints one
+JSON line on stdout, `{"event": "ready", "role", "worker_id", "host", "port", "address"}`,
+which whoever launched it can read to learn the bound port. SIGTERM or SIGINT deregisters,
+drains and exits 0.
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one (default)")
     p.add_argument("--worker-id", default=None, help="id reported in Stats (default role-host:port)")
+    p.add_argument("--discovery", default=None, metavar="URL",
+                   help="register with discovery: embedded://NAME or etcd://HOST:PORT/NS")
+    p.add_argument("--advertise-host", default=None,
+                   help="host others dial (default: --host, or the machine name if wildcard)")
     add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -44,7 +48,8 @@ async def _main(args: argparse.Namespace) -> int:
     try:
         config = WorkerConfig(
             role=args.role, host=args.host, port=args.port, worker_id=args.worker_id,
-            engine=engine_config_from_args(args),
+            engine=engine_config_from_args(args), discovery_url=args.discovery,
+            advertise_host=args.advertise_host,
         )
     except ValueError as exc:
         print(f"splitserve worker: {exc}", file=sys.stderr)
@@ -64,7 +69,7 @@ async def _main(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps({
         "event": "ready", "role": config.role, "worker_id": host.worker_id,
-        "host": config.host, "port": host.port,
+        "host": config.host, "port": host.port, "address": host.address,
     }), flush=True)
     await stop.wait()
     log.info("stopping worker %s", host.worker_id)

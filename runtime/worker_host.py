@@ -1,9 +1,11 @@
 """Hosting one worker process: an AsyncEngine behind a grpc.aio server, for any role.
 
 Lifecycle: `start()` builds the engine (loads the model), picks the servicer of the role,
-binds the gRPC port (0 picks a free one; `port` tells which) and starts serving; `stop()`
-flips Health to NOT_SERVING, lets running calls finish for `grace` seconds, cancels the
-rest (which aborts their engine requests) and shuts the engine down.
+binds the gRPC port (0 picks a free one; `port` tells which), starts serving and, with a
+discovery URL, registers the worker (role, address, model, block size); `stop()` first
+deregisters (frontends stop picking it), flips Health to NOT_SERVING, lets running calls
+finish for `grace` seconds, cancels the rest (which aborts their engine requests) and
+shuts the engine down.
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ class WorkerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     #: Seconds running calls get to finish on stop().
     shutdown_grace_s: float = 5.0
+    #: Discovery URL to register with (`embedded://NAME`, `etcd://...`); None: don't.
+    discovery_url: str | None = None
+    #: Host others reach this worker at; None: `host`, or this machine's name if wildcard.
+    advertise_host: str | None = None
+    #: Seconds a registration outlives a worker that stopped renewing it (killed).
+    discovery_ttl_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.role not in SERVICERS:
@@ -65,6 +73,7 @@ class WorkerHost:
         self.engine = engine
         self.servicer: Any = None
         self._server: Any = None
+        self._discovery: Any = None
         self.port: int | None = None
 
     @property
@@ -75,9 +84,15 @@ class WorkerHost:
 
     @property
     def address(self) -> str:
+        """`host:port` others dial (the advertised host)."""
         from splitserve.runtime.grpc_util import loopback_target
 
-        return loopback_target(self.config.host, int(self.port or 0))
+        host = self.config.advertise_host or self.config.host
+        if host in ("0.0.0.0", "::", ""):
+            import socket
+
+            host = socket.gethostname()
+        return loopback_target(host, int(self.port or 0))
 
     async def start(self) -> None:
         import grpc
@@ -105,8 +120,33 @@ class WorkerHost:
         worker_pb2_grpc.add_WorkerServicer_to_server(self.servicer, self._server)
         await self._server.start()
         logger.info("%s worker %s serving on %s", self.config.role, self.worker_id, self.address)
+        if self.config.discovery_url:
+            await self._register()
+
+    async def _register(self) -> None:
+        from splitserve.runtime.discovery import WorkerRecord, open_discovery
+
+        self._discovery = await open_discovery(self.config.discovery_url)
+        await self._discovery.register(
+            WorkerRecord(
+                id=self.worker_id,
+                role=self.config.role,
+                address=self.address,
+                model=self.config.engine.model,
+                block_size=self.config.engine.block_size,
+                extra={"max_model_len": int(self.engine.max_model_len)},
+            ),
+            ttl_s=self.config.discovery_ttl_s,
+        )
+        logger.info("worker %s registered with %s", self.worker_id, self.config.discovery_url)
 
     async def stop(self, grace: float | None = None) -> None:
+        if self._discovery is not None:
+            try:
+                await self._discovery.close()  # deregisters
+            except Exception:  # noqa: BLE001 - the record expires with its TTL anyway
+                logger.warning("could not deregister %s", self.worker_id, exc_info=True)
+            self._discovery = None
         if self.servicer is not None:
             self.servicer.set_serving(False)
         if self._server is not None:
