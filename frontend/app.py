@@ -26,17 +26,19 @@ from splitserve.frontend.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from splitserve.frontend.responses import (
+    collect_chat,
+    collect_completion,
+    stream_chat,
+    stream_completion,
+)
 from splitserve.frontend.serving import (
     RequestTracker,
     ServingState,
-    collect_chat,
-    collect_completion,
     prepare_chat,
     prepare_completion,
     start_events,
     status_of,
-    stream_chat,
-    stream_completion,
 )
 from splitserve.frontend.sse import ClientDisconnected, SSEResponse, run_until_disconnect
 from splitserve.frontend.tokenizer import Tokenizer, load_frontend_tokenizer
