@@ -42,3 +42,14 @@ async def test_bench_against_a_live_stack(load):
     assert summary["total_output_tokens"] == 30 and summary["total_input_tokens"] == 144
     assert summary["slo_attainment"] == 1.0 and summary["goodput_rps"] > 0
     assert summary["ttft_ms"]["p50"] > 0 and summary["e2e_ms"]["p99"] >= summary["ttft_ms"]["p99"]
+
+
+def test_plot_cdfs(tmp_path):
+    pytest.importorskip("matplotlib")
+    from splitserve.bench.serve import plot_cdfs
+
+    results = [RequestResult(input_len=8, output_len=5, ok=True, ttft=0.01 * i, e2e=0.1 + 0.01 * i)
+               for i in range(1, 20)]
+    out = tmp_path / "cdf.png"
+    plot_cdfs(results, str(out), ServeBenchConfig(url="x", slo_ttft_ms=100, slo_itl_ms=50))
+    assert out.stat().st_size > 1000
