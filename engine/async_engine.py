@@ -13,12 +13,13 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from .config import EngineConfig
 from .engine import Engine
-from .outputs import EngineStats, RequestOutput
+from .errors import EngineInputError
+from .outputs import EngineStats, RequestOutput, TokenLogprob
 from .sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -76,18 +77,58 @@ class AsyncEngine:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
+        q = self._open(request_id, prompt_token_ids, params)
+        self._send(("add", request_id, list(prompt_token_ids), params))
+        async for out in self._consume(request_id, q):
+            yield out
+
+    async def generate_remote(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        first_token: int,
+        pull: Callable[[list[tuple[int, int]]], Awaitable[bool]],
+        first_logprob: TokenLogprob | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """A request prefilled elsewhere: admit it with its first token, `await pull(plan)`
+        (plan: (index into the remote block ids, local block id) pairs still missing here),
+        then stream the tokens after the first. When the pull fails (returns False or
+        raises) the prompt is prefilled locally, and the request still completes."""
+        q = self._open(request_id, prompt_token_ids, params)
+        finished = False
+        try:
+            plan = await self.call(lambda e: e.add_remote_request(
+                request_id, list(prompt_token_ids), params, first_token, first_logprob))
+            if plan is not None:
+                ok = False
+                try:
+                    ok = bool(await pull(plan)) if plan else True
+                except Exception as exc:  # the transfer failed: prefill locally instead
+                    logger.warning("KV pull for %s failed (%s); prefilling locally", request_id, exc)
+                finally:
+                    await asyncio.shield(self.call(lambda e: e.remote_ready(request_id, ok)))
+            async for out in self._consume(request_id, q):
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self._streams.pop(request_id, None)
+                self._send(("abort", request_id))
+
+    def _open(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> asyncio.Queue:
+        """Validate and register the output stream of a new request."""
         if not self.alive:
             raise EngineDeadError("engine is not running")
-        prompt_token_ids = list(prompt_token_ids)
-        self.engine.validate(prompt_token_ids, params)  # raises EngineInputError early
+        self.engine.validate(list(prompt_token_ids), params)  # raises EngineInputError early
         if request_id in self._streams:
-            from .errors import EngineInputError
-
             raise EngineInputError(f"request id {request_id!r} is already running", "request_id")
-        loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (loop, q)
-        self._send(("add", request_id, prompt_token_ids, params))
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        return q
+
+    async def _consume(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs until it finishes; stopping early aborts it."""
         finished = False
         try:
             while True:
@@ -108,6 +149,8 @@ class AsyncEngine:
 
     async def call(self, fn: Callable[[Engine], Any]) -> Any:
         """Run fn(engine) on the engine thread between steps and return its result."""
+        if not self.alive:
+            raise EngineDeadError("engine is not running")
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._send(("call", fn, fut))
         return await fut
@@ -180,9 +223,9 @@ class AsyncEngine:
             except Exception:  # pragma: no cover - Engine.step already isolates batch failures
                 logger.exception("engine step raised")
                 outputs = []
+            self._stats = eng.stats()  # before delivering: a consumer sees fresh stats
             for out in outputs:
                 self._deliver(out.request_id, out)
-            self._stats = eng.stats()
         for rid in list(eng.scheduler.requests):
             out = eng.abort(rid)
             if out is not None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\x14splitserve.worker.v1\"\x87\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\n \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"m\n\x08KvHandle\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nagent_name\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x13\n\x0b\x66irst_token\x18\x05 \x01(\r\"\xc4\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12=\n\x0fsampling_params\x18\x03 \x01(\x0b\x32$.splitserve.worker.v1.SamplingParams\x12\x36\n\tkv_handle\x18\x04 \x01(\x0b\x32\x1e.splitserve.worker.v1.KvHandleH\x00\x88\x01\x01\x42\x0c\n\n_kv_handle\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"`\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12-\n\x03top\x18\x03 \x03(\x0b\x32 .splitserve.worker.v1.TopLogprob\"\xc9\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x34\n\x08logprobs\x18\x02 \x03(\x0b\x32\".splitserve.worker.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse\"\x0e\n\x0cStatsRequest\"\xe4\x01\n\rStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x06 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x07 \x01(\r\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x15\n\rmax_model_len\x18\t \x01(\r\x12\x1b\n\x13num_active_requests\x18\n \x01(\r\"\x0f\n\rHealthRequest\"\xa3\x01\n\x0eHealthResponse\x12;\n\x06status\x18\x01 \x01(\x0e\x32+.splitserve.worker.v1.HealthResponse.Status\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\"3\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\x32\xde\x02\n\x06Worker\x12[\n\x08Generate\x12%.splitserve.worker.v1.GenerateRequest\x1a&.splitserve.worker.v1.GenerateResponse0\x01\x12P\n\x05\x41\x62ort\x12\".splitserve.worker.v1.AbortRequest\x1a#.splitserve.worker.v1.AbortResponse\x12P\n\x05Stats\x12\".splitserve.worker.v1.StatsRequest\x1a#.splitserve.worker.v1.StatsResponse\x12S\n\x06Health\x12#.splitserve.worker.v1.HealthRequest\x1a$.splitserve.worker.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\x14splitserve.worker.v1\"\x87\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\n \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"\xd0\x01\n\x08KvHandle\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nagent_name\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x13\n\x0b\x66irst_token\x18\x05 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\x12>\n\rfirst_logprob\x18\x07 \x01(\x0b\x32\".splitserve.worker.v1.TokenLogprobH\x00\x88\x01\x01\x42\x10\n\x0e_first_logprob\"\xc4\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12=\n\x0fsampling_params\x18\x03 \x01(\x0b\x32$.splitserve.worker.v1.SamplingParams\x12\x36\n\tkv_handle\x18\x04 \x01(\x0b\x32\x1e.splitserve.worker.v1.KvHandleH\x00\x88\x01\x01\x42\x0c\n\n_kv_handle\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"`\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12-\n\x03top\x18\x03 \x03(\x0b\x32 .splitserve.worker.v1.TopLogprob\"\xc9\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x34\n\x08logprobs\x18\x02 \x03(\x0b\x32\".splitserve.worker.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse\"\x0e\n\x0cStatsRequest\"\xe4\x01\n\rStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x06 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x07 \x01(\r\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x15\n\rmax_model_len\x18\t \x01(\r\x12\x1b\n\x13num_active_requests\x18\n \x01(\r\"\x8e\x01\n\x0fPrefillResponse\x12\x35\n\x05\x66irst\x18\x01 \x01(\x0b\x32&.splitserve.worker.v1.GenerateResponse\x12\x36\n\tkv_handle\x18\x02 \x01(\x0b\x32\x1e.splitserve.worker.v1.KvHandleH\x00\x88\x01\x01\x42\x0c\n\n_kv_handle\"\x16\n\x14TransportInfoRequest\"J\n\x15TransportInfoResponse\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x10\n\x08metadata\x18\x02 \x01(\x0c\x12\x11\n\tworker_id\x18\x03 \x01(\t\"&\n\x10ReleaseKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"%\n\x11ReleaseKvResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\xa3\x01\n\x0eHealthResponse\x12;\n\x06status\x18\x01 \x01(\x0e\x32+.splitserve.worker.v1.HealthResponse.Status\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\"3\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\x32\xff\x04\n\x06Worker\x12[\n\x08Generate\x12%.splitserve.worker.v1.GenerateRequest\x1a&.splitserve.worker.v1.GenerateResponse0\x01\x12P\n\x05\x41\x62ort\x12\".splitserve.worker.v1.AbortRequest\x1a#.splitserve.worker.v1.AbortResponse\x12P\n\x05Stats\x12\".splitserve.worker.v1.StatsRequest\x1a#.splitserve.worker.v1.StatsResponse\x12S\n\x06Health\x12#.splitserve.worker.v1.HealthRequest\x1a$.splitserve.worker.v1.HealthResponse\x12W\n\x07Prefill\x12%.splitserve.worker.v1.GenerateRequest\x1a%.splitserve.worker.v1.PrefillResponse\x12h\n\rTransportInfo\x12*.splitserve.worker.v1.TransportInfoRequest\x1a+.splitserve.worker.v1.TransportInfoResponse\x12\\\n\tReleaseKv\x12&.splitserve.worker.v1.ReleaseKvRequest\x1a\'.splitserve.worker.v1.ReleaseKvResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,30 +33,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS']._serialized_start=39
   _globals['_SAMPLINGPARAMS']._serialized_end=302
-  _globals['_KVHANDLE']._serialized_start=304
-  _globals['_KVHANDLE']._serialized_end=413
-  _globals['_GENERATEREQUEST']._serialized_start=416
-  _globals['_GENERATEREQUEST']._serialized_end=612
-  _globals['_TOPLOGPROB']._serialized_start=614
-  _globals['_TOPLOGPROB']._serialized_end=661
-  _globals['_TOKENLOGPROB']._serialized_start=663
-  _globals['_TOKENLOGPROB']._serialized_end=759
-  _globals['_GENERATERESPONSE']._serialized_start=762
-  _globals['_GENERATERESPONSE']._serialized_end=963
-  _globals['_ABORTREQUEST']._serialized_start=965
-  _globals['_ABORTREQUEST']._serialized_end=999
-  _globals['_ABORTRESPONSE']._serialized_start=1001
-  _globals['_ABORTRESPONSE']._serialized_end=1016
-  _globals['_STATSREQUEST']._serialized_start=1018
-  _globals['_STATSREQUEST']._serialized_end=1032
-  _globals['_STATSRESPONSE']._serialized_start=1035
-  _globals['_STATSRESPONSE']._serialized_end=1263
-  _globals['_HEALTHREQUEST']._serialized_start=1265
-  _globals['_HEALTHREQUEST']._serialized_end=1280
-  _globals['_HEALTHRESPONSE']._serialized_start=1283
-  _globals['_HEALTHRESPONSE']._serialized_end=1446
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=1395
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=1446
-  _globals['_WORKER']._serialized_start=1449
-  _globals['_WORKER']._serialized_end=1799
+  _globals['_KVHANDLE']._serialized_start=305
+  _globals['_KVHANDLE']._serialized_end=513
+  _globals['_GENERATEREQUEST']._serialized_start=516
+  _globals['_GENERATEREQUEST']._serialized_end=712
+  _globals['_TOPLOGPROB']._serialized_start=714
+  _globals['_TOPLOGPROB']._serialized_end=761
+  _globals['_TOKENLOGPROB']._serialized_start=763
+  _globals['_TOKENLOGPROB']._serialized_end=859
+  _globals['_GENERATERESPONSE']._serialized_start=862
+  _globals['_GENERATERESPONSE']._serialized_end=1063
+  _globals['_ABORTREQUEST']._serialized_start=1065
+  _globals['_ABORTREQUEST']._serialized_end=1099
+  _globals['_ABORTRESPONSE']._serialized_start=1101
+  _globals['_ABORTRESPONSE']._serialized_end=1116
+  _globals['_STATSREQUEST']._serialized_start=1118
+  _globals['_STATSREQUEST']._serialized_end=1132
+  _globals['_STATSRESPONSE']._serialized_start=1135
+  _globals['_STATSRESPONSE']._serialized_end=1363
+  _globals['_PREFILLRESPONSE']._serialized_start=1366
+  _globals['_PREFILLRESPONSE']._serialized_end=1508
+  _globals['_TRANSPORTINFOREQUEST']._serialized_start=1510
+  _globals['_TRANSPORTINFOREQUEST']._serialized_end=1532
+  _globals['_TRANSPORTINFORESPONSE']._serialized_start=1534
+  _globals['_TRANSPORTINFORESPONSE']._serialized_end=1608
+  _globals['_RELEASEKVREQUEST']._serialized_start=1610
+  _globals['_RELEASEKVREQUEST']._serialized_end=1648
+  _globals['_RELEASEKVRESPONSE']._serialized_start=1650
+  _globals['_RELEASEKVRESPONSE']._serialized_end=1687
+  _globals['_HEALTHREQUEST']._serialized_start=1689
+  _globals['_HEALTHREQUEST']._serialized_end=1704
+  _globals['_HEALTHRESPONSE']._serialized_start=1707
+  _globals['_HEALTHRESPONSE']._serialized_end=1870
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=1819
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=1870
+  _globals['_WORKER']._serialized_start=1873
+  _globals['_WORKER']._serialized_end=2512
 # @@protoc_insertion_point(module_scope)

@@ -54,6 +54,21 @@ class WorkerStub:
                 request_serializer=worker__pb2.HealthRequest.SerializeToString,
                 response_deserializer=worker__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.Prefill = channel.unary_unary(
+                '/splitserve.worker.v1.Worker/Prefill',
+                request_serializer=worker__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=worker__pb2.PrefillResponse.FromString,
+                _registered_method=True)
+        self.TransportInfo = channel.unary_unary(
+                '/splitserve.worker.v1.Worker/TransportInfo',
+                request_serializer=worker__pb2.TransportInfoRequest.SerializeToString,
+                response_deserializer=worker__pb2.TransportInfoResponse.FromString,
+                _registered_method=True)
+        self.ReleaseKv = channel.unary_unary(
+                '/splitserve.worker.v1.Worker/ReleaseKv',
+                request_serializer=worker__pb2.ReleaseKvRequest.SerializeToString,
+                response_deserializer=worker__pb2.ReleaseKvResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -87,6 +102,28 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefill(self, request, context):
+        """Prefill workers: run the prompt, sample the first token, pin the KV blocks until a
+        decode worker pulls them (its transport notice frees them) or a timeout passes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TransportInfo(self, request, context):
+        """Prefill workers: the transport metadata a decode worker needs to pull (once per peer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseKv(self, request, context):
+        """Prefill workers: free a pinned prefill at once (nobody will pull it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +146,21 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=worker__pb2.HealthRequest.FromString,
                     response_serializer=worker__pb2.HealthResponse.SerializeToString,
+            ),
+            'Prefill': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefill,
+                    request_deserializer=worker__pb2.GenerateRequest.FromString,
+                    response_serializer=worker__pb2.PrefillResponse.SerializeToString,
+            ),
+            'TransportInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.TransportInfo,
+                    request_deserializer=worker__pb2.TransportInfoRequest.FromString,
+                    response_serializer=worker__pb2.TransportInfoResponse.SerializeToString,
+            ),
+            'ReleaseKv': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseKv,
+                    request_deserializer=worker__pb2.ReleaseKvRequest.FromString,
+                    response_serializer=worker__pb2.ReleaseKvResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +271,87 @@ class Worker:
             '/splitserve.worker.v1.Worker/Health',
             worker__pb2.HealthRequest.SerializeToString,
             worker__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.worker.v1.Worker/Prefill',
+            worker__pb2.GenerateRequest.SerializeToString,
+            worker__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransportInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.worker.v1.Worker/TransportInfo',
+            worker__pb2.TransportInfoRequest.SerializeToString,
+            worker__pb2.TransportInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseKv(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.worker.v1.Worker/ReleaseKv',
+            worker__pb2.ReleaseKvRequest.SerializeToString,
+            worker__pb2.ReleaseKvResponse.FromString,
             options,
             channel_credentials,
             insecure,

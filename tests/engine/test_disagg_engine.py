@@ -107,3 +107,35 @@ def test_seeded_sampling_same_as_aggregated():
         dec.runner.kv_cache[local] = pre.runner.kv_cache[blocks[i]]
     dec.remote_ready("r", True)
     assert [first] + drain(dec, "r") == ref
+
+
+@pytest.mark.parametrize("outcome", ["ok", "fail", "raise"])
+async def test_async_generate_remote(outcome):
+    from splitserve.engine.async_engine import AsyncEngine
+
+    prompt = list(range(3, 30))
+    ref = tiny_engine(CFG).generate([prompt], GREEDY)[0]
+    pre = tiny_engine(CFG)
+    first = run_prefill(pre, "r", prompt, GREEDY)
+    blocks, _ = pre.pinned_blocks("r")
+    dec_engine = tiny_engine(CFG)
+    dec = AsyncEngine(dec_engine.config, engine=dec_engine)
+    await dec.start()
+    try:
+        async def pull(plan):
+            if outcome == "raise":
+                raise RuntimeError("transfer broke")
+            if outcome == "fail":
+                return False
+            for i, local in plan:
+                dec.engine.runner.kv_cache[local] = pre.runner.kv_cache[blocks[i]]
+            return True
+
+        toks = []
+        async for o in dec.generate_remote("r", prompt, GREEDY, first, pull):
+            toks += o.new_token_ids
+        assert [first] + toks == ref
+        st = dec.stats()
+        assert st.num_free_blocks == st.num_total_blocks
+    finally:
+        await dec.shutdown()
