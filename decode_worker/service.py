@@ -42,11 +42,19 @@ logger = logging.getLogger(__name__)
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     """Serves one engine; generic over the worker role (a prefill servicer extends it)."""
 
-    def __init__(self, engine: Any, *, worker_id: str, role: str, model_name: str) -> None:
+    def __init__(self, engine: Any, *, worker_id: str, role: str, model_name: str,
+                 transport: Any = None, pull_timeout_s: float = 10.0) -> None:
         self.engine = engine
         self.worker_id = worker_id
         self.role = role
         self.model_name = model_name
+        #: KV transport (splitserve.kv_transfer) for requests carrying a KV handle.
+        self.transport = transport
+        self.pull_timeout_s = pull_timeout_s
+        #: prefill worker id -> (its TransportInfo metadata, our peer name).
+        self._peers: dict[str, tuple[bytes, str]] = {}
+        self.num_kv_pulls = 0
+        self.num_kv_pull_failures = 0
         #: request ids inside a Generate call right now.
         self._active: set[str] = set()
         self._serving = True
@@ -110,7 +118,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             model=self.model_name,
             max_model_len=int(self.engine.max_model_len),
             num_active_requests=self.num_active,
+            **self.extra_stats(),
         )
+
+    def extra_stats(self) -> dict[str, Any]:
+        """Role-specific StatsResponse fields."""
+        return {
+            "num_kv_pulls": self.num_kv_pulls,
+            "num_kv_pull_failures": self.num_kv_pull_failures,
+            "kv_transport": getattr(self.transport, "kind", "") or "",
+        }
 
     async def Health(self, request, context):  # noqa: N802
         status = (
@@ -125,8 +142,72 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         """The engine stream for one request; a KV transport overrides this for kv_handle."""
         prompt = list(request.prompt_token_ids)
         if request.HasField("kv_handle"):
+            if self.transport is not None:
+                return self._remote_stream(request, prompt, params)
             return self._local_fallback(request, prompt, params)
         return self.engine.generate(request.request_id, prompt, params)
+
+    def _remote_stream(self, request, prompt: list[int], params: SamplingParams):
+        """Admit the request with the prefill's first token, pull the KV blocks this
+        worker's prefix cache lacks, then decode. Any pull failure (peer gone, transfer
+        error, timeout) falls back to a local prefill, so the request still succeeds."""
+        from splitserve.runtime.grpc_util import token_logprob_from_proto
+
+        handle = request.kv_handle
+        rid = request.request_id
+        first_lp = (token_logprob_from_proto(handle.first_logprob)
+                    if handle.HasField("first_logprob") else None)
+
+        async def pull(plan: list[tuple[int, int]]) -> bool:
+            if not plan:  # every block was in our prefix cache: nothing to move
+                await self._release_remote(handle, rid)
+                return True
+            try:
+                peer = await self._peer(handle)
+                await self.transport.pull(
+                    peer, [handle.block_ids[i] for i, _ in plan], [b for _, b in plan],
+                    notify_msg=rid.encode(), timeout_s=self.pull_timeout_s,
+                )
+            except Exception as exc:  # noqa: BLE001 - any failure means: prefill here
+                self.num_kv_pull_failures += 1
+                logger.warning("KV pull of %s from %s failed (%s: %s); prefilling locally",
+                               rid, handle.worker_id, type(exc).__name__, exc)
+                await self._release_remote(handle, rid)
+                return False
+            self.num_kv_pulls += 1
+            return True
+
+        return self.engine.generate_remote(rid, prompt, params, int(handle.first_token), pull,
+                                           first_logprob=first_lp)
+
+    async def _peer(self, handle) -> str:
+        """Our transport's peer name for the prefill worker of `handle` (asked once)."""
+        known = self._peers.get(handle.worker_id)
+        if known is not None:
+            return known[1]
+        import grpc
+
+        from splitserve.runtime.grpc_util import GRPC_OPTIONS
+
+        async with grpc.aio.insecure_channel(handle.address, options=list(GRPC_OPTIONS)) as ch:
+            info = await worker_pb2_grpc.WorkerStub(ch).TransportInfo(
+                worker_pb2.TransportInfoRequest(), timeout=self.pull_timeout_s)
+        peer = await self.transport.add_peer(info.metadata)
+        self._peers[handle.worker_id] = (info.metadata, peer)
+        return peer
+
+    async def _release_remote(self, handle, rid: str) -> None:
+        """Tell the prefill worker to free the request's pinned blocks (best effort)."""
+        import grpc
+
+        from splitserve.runtime.grpc_util import GRPC_OPTIONS
+
+        try:
+            async with grpc.aio.insecure_channel(handle.address, options=list(GRPC_OPTIONS)) as ch:
+                await worker_pb2_grpc.WorkerStub(ch).ReleaseKv(
+                    worker_pb2.ReleaseKvRequest(request_id=rid), timeout=2.0)
+        except Exception:  # noqa: BLE001 - its pin timeout frees the blocks anyway
+            logger.debug("ReleaseKv of %s at %s failed", rid, handle.address, exc_info=True)
 
     async def _local_fallback(self, request, prompt: list[int], params: SamplingParams):
         """No KV transport: prefill prompt + the handle's first token here (same result)."""

@@ -75,10 +75,13 @@ class AsyncEngine:
 
     # -- requests ------------------------------------------------------------------------------
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        pin_timeout_s: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's tokens. With pin_timeout_s (prefill workers) its KV blocks stay
+        pinned after it finishes, for a decode worker to pull (Engine.add_request)."""
         q = self._open(request_id, prompt_token_ids, params)
-        self._send(("add", request_id, list(prompt_token_ids), params))
+        self._send(("add", request_id, list(prompt_token_ids), params, pin_timeout_s))
         async for out in self._consume(request_id, q):
             yield out
 
@@ -178,11 +181,11 @@ class AsyncEngine:
                 return
             kind = cmd[0]
             if kind == "add":
-                _, rid, prompt, params = cmd
+                _, rid, prompt, params, pin_timeout_s = cmd
                 if rid not in self._streams:
                     continue  # consumer already gone
                 try:
-                    eng.add_request(rid, prompt, params)
+                    eng.add_request(rid, prompt, params, pin_timeout_s=pin_timeout_s)
                 except Exception as exc:
                     self._deliver(rid, exc)
             elif kind == "abort":

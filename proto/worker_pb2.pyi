@@ -114,7 +114,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("worker_id", "role", "model", "num_waiting", "num_running", "num_free_blocks", "num_total_blocks", "block_size", "max_model_len", "num_active_requests")
+    __slots__ = ("worker_id", "role", "model", "num_waiting", "num_running", "num_free_blocks", "num_total_blocks", "block_size", "max_model_len", "num_active_requests", "num_kv_pulls", "num_kv_pull_failures", "num_expired_pins", "num_pinned", "kv_transport")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,11 @@ class StatsResponse(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     NUM_ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_PULLS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_PULL_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXPIRED_PINS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PINNED_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     model: str
@@ -135,7 +140,12 @@ class StatsResponse(_message.Message):
     block_size: int
     max_model_len: int
     num_active_requests: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., model: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., num_active_requests: _Optional[int] = ...) -> None: ...
+    num_kv_pulls: int
+    num_kv_pull_failures: int
+    num_expired_pins: int
+    num_pinned: int
+    kv_transport: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., model: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., num_active_requests: _Optional[int] = ..., num_kv_pulls: _Optional[int] = ..., num_kv_pull_failures: _Optional[int] = ..., num_expired_pins: _Optional[int] = ..., num_pinned: _Optional[int] = ..., kv_transport: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("first", "kv_handle")

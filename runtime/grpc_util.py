@@ -74,6 +74,22 @@ def sampling_params_from_proto(msg: Any) -> "SamplingParams":
     )
 
 
+def token_logprob_to_proto(lp: Any, msg: Any) -> Any:
+    """Fill a proto TokenLogprob `msg` from an engine TokenLogprob."""
+    msg.token_id = lp.token_id
+    msg.logprob = lp.logprob
+    for tid, tlp in lp.top:
+        msg.top.add(token_id=tid, logprob=tlp)
+    return msg
+
+
+def token_logprob_from_proto(msg: Any) -> Any:
+    from splitserve.engine.outputs import TokenLogprob
+
+    return TokenLogprob(int(msg.token_id), float(msg.logprob),
+                        tuple((int(t.token_id), float(t.logprob)) for t in msg.top))
+
+
 def request_output_to_proto(out: "RequestOutput") -> Any:
     from splitserve.proto import worker_pb2
 
@@ -86,9 +102,7 @@ def request_output_to_proto(out: "RequestOutput") -> Any:
         error=out.error or "",
     )
     for lp in out.logprobs:
-        entry = msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob)
-        for tid, tlp in lp.top:
-            entry.top.add(token_id=tid, logprob=tlp)
+        token_logprob_to_proto(lp, msg.logprobs.add())
     return msg
 
 
@@ -100,7 +114,9 @@ def stats_to_proto(
     model: str,
     max_model_len: int,
     num_active_requests: int,
+    **extra: Any,
 ) -> Any:
+    """`extra`: further StatsResponse fields (disaggregation counters)."""
     from splitserve.proto import worker_pb2
 
     return worker_pb2.StatsResponse(
@@ -114,6 +130,7 @@ def stats_to_proto(
         block_size=stats.block_size,
         max_model_len=max_model_len,
         num_active_requests=num_active_requests,
+        **extra,
     )
 
 

@@ -24,8 +24,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="register with discovery: embedded://NAME or etcd://HOST:PORT/NS")
     p.add_argument("--advertise-host", default=None,
                    help="host others dial (default: --host, or the machine name if wildcard)")
+    add_kv_transfer_args(p)
     add_engine_args(p)
     p.set_defaults(func=run)
+
+
+def add_kv_transfer_args(p: argparse.ArgumentParser) -> None:
+    """Disaggregation flags of a worker (also passed on by `splitserve serve`)."""
+    p.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "grpc", "none"],
+                   help="KV block transport between prefill and decode workers (default auto: "
+                        "NIXL when it starts, else gRPC)")
+    p.add_argument("--kv-pin-timeout", type=float, default=30.0, metavar="S",
+                   help="prefill: seconds pinned KV blocks wait for a pull (default 30)")
+    p.add_argument("--kv-pull-timeout", type=float, default=10.0, metavar="S",
+                   help="decode: seconds a KV pull may take before prefilling locally (default 10)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +61,8 @@ async def _main(args: argparse.Namespace) -> int:
         config = WorkerConfig(
             role=args.role, host=args.host, port=args.port, worker_id=args.worker_id,
             engine=engine_config_from_args(args), discovery_url=args.discovery,
-            advertise_host=args.advertise_host,
+            advertise_host=args.advertise_host, kv_transport=args.kv_transport,
+            kv_pin_timeout_s=args.kv_pin_timeout, kv_pull_timeout_s=args.kv_pull_timeout,
         )
     except ValueError as exc:
         print(f"splitserve worker: {exc}", file=sys.stderr)

@@ -50,6 +50,13 @@ class WorkerConfig:
     advertise_host: str | None = None
     #: Seconds a registration outlives a worker that stopped renewing it (killed).
     discovery_ttl_s: float = 10.0
+    #: KV transport between prefill and decode workers: auto (NIXL if it starts, else
+    #: gRPC) | nixl | grpc | none.
+    kv_transport: str = "auto"
+    #: Prefill workers: seconds pinned KV blocks wait for a pull before they are freed.
+    kv_pin_timeout_s: float = 30.0
+    #: Decode workers: seconds one KV pull may take before falling back to local prefill.
+    kv_pull_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.role not in SERVICERS:
@@ -58,6 +65,10 @@ class WorkerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.shutdown_grace_s < 0:
             raise ValueError("shutdown_grace_s must be >= 0")
+        if self.kv_transport not in ("auto", "nixl", "grpc", "none"):
+            raise ValueError(f"kv_transport must be auto|nixl|grpc|none, got {self.kv_transport!r}")
+        if self.kv_pin_timeout_s <= 0 or self.kv_pull_timeout_s <= 0:
+            raise ValueError("kv_pin_timeout_s and kv_pull_timeout_s must be > 0")
 
 
 def servicer_class(role: str) -> type:
@@ -74,6 +85,7 @@ class WorkerHost:
         self.servicer: Any = None
         self._server: Any = None
         self._discovery: Any = None
+        self.transport: Any = None
         self.port: int | None = None
 
     @property
@@ -111,17 +123,44 @@ class WorkerHost:
         if bound == 0:
             raise OSError(f"cannot bind gRPC port {self.config.host}:{self.config.port}")
         self.port = bound
+        await self._start_transport()
+        kwargs: dict[str, Any] = {"transport": self.transport}
+        if self.config.role == "prefill":
+            kwargs.update(pin_timeout_s=self.config.kv_pin_timeout_s, address=self.address)
+        else:
+            kwargs.update(pull_timeout_s=self.config.kv_pull_timeout_s)
         self.servicer = cls(
             self.engine,
             worker_id=self.worker_id,
             role=self.config.role,
             model_name=self.config.engine.model,
+            **kwargs,
         )
         worker_pb2_grpc.add_WorkerServicer_to_server(self.servicer, self._server)
         await self._server.start()
+        if hasattr(self.servicer, "start"):
+            await self.servicer.start()
         logger.info("%s worker %s serving on %s", self.config.role, self.worker_id, self.address)
         if self.config.discovery_url:
             await self._register()
+
+    async def _start_transport(self) -> None:
+        """Register this worker's whole KV pool with the transport (once)."""
+        if self.config.kv_transport == "none":
+            return
+        import os
+        import uuid
+
+        from splitserve.kv_transfer import KvTransferConfig, create_transport
+
+        host = self.config.host if self.config.host not in ("0.0.0.0", "::", "") else "0.0.0.0"
+        advertise = self.address.rsplit(":", 1)[0].strip("[]")
+        # Unique among peers even when a worker restarts on the same port.
+        name = f"{self.worker_id}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.transport = await create_transport(
+            self.config.kv_transport, name, self.engine.engine.runner.kv_cache,
+            KvTransferConfig(host=host, advertise_host=advertise),
+        )
 
     async def _register(self) -> None:
         from splitserve.runtime.discovery import WorkerRecord, open_discovery
@@ -134,7 +173,9 @@ class WorkerHost:
                 address=self.address,
                 model=self.config.engine.model,
                 block_size=self.config.engine.block_size,
-                extra={"max_model_len": int(self.engine.max_model_len)},
+                nixl_metadata=self.transport.local_metadata() if self.transport else None,
+                extra={"max_model_len": int(self.engine.max_model_len),
+                       "kv_transport": self.transport.kind if self.transport else ""},
             ),
             ttl_s=self.config.discovery_ttl_s,
         )
@@ -152,6 +193,11 @@ class WorkerHost:
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace_s if grace is None else grace)
             self._server = None
+        if self.servicer is not None and hasattr(self.servicer, "stop"):
+            await self.servicer.stop()
+        if self.transport is not None:
+            await self.transport.close()
+            self.transport = None
         if self.engine is not None:
             await self.engine.shutdown()
             self.engine = None

@@ -1,0 +1,1 @@
+"""Prefill workers: run prompts, pin their KV blocks, hand them to decode workers."""
