@@ -36,6 +36,13 @@ def add_frontend_args(p: argparse.ArgumentParser, *, model_flags: bool = True) -
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: no auth)")
     p.add_argument("--stats-interval", type=float, default=1.0,
                    help="seconds between worker Stats polls (default 1)")
+    from splitserve.frontend.disagg import DEFAULT_MAX_LOCAL_PREFILL_TOKENS
+
+    p.add_argument("--max-local-prefill-tokens", type=int, default=DEFAULT_MAX_LOCAL_PREFILL_TOKENS,
+                   help="prompts with more uncached tokens go to a prefill worker when one is "
+                        f"free; 0: always when one exists (default {DEFAULT_MAX_LOCAL_PREFILL_TOKENS})")
+    p.add_argument("--max-prefill-queue", type=int, default=4,
+                   help="a prefill worker with this many queued prompts counts as full (default 4)")
 
 
 def parse_worker_spec(text: str) -> tuple[str, str]:
@@ -49,6 +56,7 @@ def parse_worker_spec(text: str) -> tuple[str, str]:
 def config_from_args(args: argparse.Namespace):
     from splitserve.engine.config import DEFAULT_MODEL
     from splitserve.frontend.config import FrontendConfig
+    from splitserve.frontend.disagg import DisaggConfig
 
     return FrontendConfig(
         model=args.model or DEFAULT_MODEL,
@@ -59,6 +67,8 @@ def config_from_args(args: argparse.Namespace):
         api_key=args.api_key,
         stats_interval_s=args.stats_interval,
         discovery_url=getattr(args, "discovery", None),
+        disagg=DisaggConfig(max_local_prefill_tokens=args.max_local_prefill_tokens,
+                            max_prefill_queue=args.max_prefill_queue),
     )
 
 

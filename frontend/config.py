@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from splitserve.frontend.disagg import DisaggConfig
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class FrontendConfig:
     retry_after_s: int = 1
     #: Most choices per request (`n`, times the number of prompts for completions).
     max_choices: int = 128
+    #: When to prefill on a prefill worker (conditional disaggregation).
+    disagg: DisaggConfig = field(default_factory=DisaggConfig)
 
     def __post_init__(self) -> None:
         if not (0 <= self.port < 65536):

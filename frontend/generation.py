@@ -50,12 +50,28 @@ class WorkerRequestError(OpenAIError):
 
 
 async def worker_stream(
-    pool: WorkerPool, request: Any, *, retry_after_s: int = 1
+    pool: WorkerPool, request: Any, *, retry_after_s: int = 1, disagg: Any = None,
+    metrics: Any = None,
 ) -> AsyncIterator[Any]:
-    """GenerateResponses of one request from one worker; closing it cancels the call."""
+    """GenerateResponses of one request; closing it cancels the call. With `disagg` (a
+    DisaggConfig) a long prompt is prefilled on a prefill worker first: its first token
+    is yielded at once, then the decode worker continues from the pulled KV blocks."""
     import grpc
 
     from splitserve.runtime.grpc_util import param_from_error
+
+    if disagg is not None and pool.workers("prefill", healthy_only=True):
+        from splitserve.frontend.disagg import remote_prefill
+
+        pre = await remote_prefill(pool, request, disagg, metrics)
+        if pre is not None:
+            yield pre.first
+            if pre.first.finished:
+                return
+            remote = type(request)()
+            remote.CopyFrom(request)
+            remote.kv_handle.CopyFrom(pre.kv_handle)
+            request = remote
 
     tried: list[str] = []
     while True:
@@ -110,16 +126,21 @@ async def run_choice(
     stop: Sequence[str],
     *,
     retry_after_s: int = 1,
+    disagg: Any = None,
+    metrics: Any = None,
 ) -> AsyncIterator[ChoiceEvent]:
     """The events of one choice (one worker request), ending with a finish reason."""
     detok = IncrementalDetokenizer(tokenizer)
     matcher = StopStringMatcher(stop)
     prompt_tokens = cached_tokens = 0
-    stream = worker_stream(pool, request, retry_after_s=retry_after_s)
+    stream = worker_stream(pool, request, retry_after_s=retry_after_s, disagg=disagg,
+                           metrics=metrics)
     async with contextlib.aclosing(stream):
         async for resp in stream:
             now = time.perf_counter()
-            if resp.num_prompt_tokens:
+            if resp.num_prompt_tokens and not prompt_tokens:
+                # The first answer counts (a decode worker after a remote prefill reports
+                # the pulled prompt as cached).
                 prompt_tokens = resp.num_prompt_tokens
                 cached_tokens = resp.num_cached_tokens
             ids = list(resp.token_ids)

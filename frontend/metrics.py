@@ -53,8 +53,25 @@ class FrontendMetrics:
             ["worker"], registry=r)
         self.workers = Gauge(
             "splitserve_workers", "Healthy workers per role.", ["role"], registry=r)
+        self.prefill_decisions = Counter(
+            "splitserve_prefill_decisions", "Where prompts were prefilled (with prefill workers up).",
+            ["kind"], registry=r)
+        self.prefill_fallbacks = Counter(
+            "splitserve_prefill_fallbacks",
+            "Remote prefills that failed and ran on the decode worker instead.", ["reason"],
+            registry=r)
+        self.kv_pull_failures = Gauge(
+            "splitserve_kv_pull_failures",
+            "KV pulls a decode worker gave up on (then prefilled locally), since it started.",
+            ["worker"], registry=r)
+        self.expired_pins = Gauge(
+            "splitserve_kv_expired_pins",
+            "Pinned prefills a prefill worker freed unpulled after the timeout, since it started.",
+            ["worker"], registry=r)
         for status in STATUSES:
             self.requests.labels(status=status)
+        for kind in ("remote", "local"):
+            self.prefill_decisions.labels(kind=kind)
 
     def observe_pool(self, pool: "WorkerPool") -> None:
         """Stats-poll hook: queue depth, KV usage per worker, healthy workers per role."""
@@ -62,6 +79,10 @@ class FrontendMetrics:
         for w in pool.workers():
             if w.stats is not None:
                 self.kv_usage.labels(worker=w.worker_id).set(w.kv_usage)
+                if w.role == "decode":
+                    self.kv_pull_failures.labels(worker=w.worker_id).set(w.stats.num_kv_pull_failures)
+                else:
+                    self.expired_pins.labels(worker=w.worker_id).set(w.stats.num_expired_pins)
                 if w.healthy:
                     queued += int(w.stats.num_waiting)
         self.queued.set(queued)
@@ -69,10 +90,11 @@ class FrontendMetrics:
             self.workers.labels(role=role).set(n)
 
     def forget_worker(self, worker_id: str) -> None:
-        try:
-            self.kv_usage.remove(worker_id)
-        except KeyError:
-            pass
+        for gauge in (self.kv_usage, self.kv_pull_failures, self.expired_pins):
+            try:
+                gauge.remove(worker_id)
+            except KeyError:
+                pass
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

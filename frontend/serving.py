@@ -256,7 +256,8 @@ def prepare_completion(state: ServingState, req: CompletionRequest) -> Job:
 def start_events(state: ServingState, job: Job) -> AsyncIterator[ChoiceEvent]:
     streams = [
         run_choice(state.pool, state.tokenizer, idx, wreq, job.stop,
-                   retry_after_s=state.config.retry_after_s)
+                   retry_after_s=state.config.retry_after_s, disagg=state.config.disagg,
+                   metrics=state.metrics)
         for idx, wreq in job.worker_requests()
     ]
     return merge_choices(streams)

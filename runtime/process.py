@@ -185,9 +185,10 @@ class ProcessGroup:
                 names = ", ".join(c.name for c in pending)
                 raise ChildFailed(pending[0].name, None, f"not ready after {timeout:.0f}s: {names}")
 
-    def first_exited(self) -> ChildProcess | None:
+    def first_exited(self, ignore: "set[str] | frozenset[str]" = frozenset()) -> ChildProcess | None:
+        """The first child (not named in `ignore`) that has exited, or None."""
         for child in self.children:
-            if child.poll() is not None:
+            if child.name not in ignore and child.poll() is not None:
                 return child
         return None
 

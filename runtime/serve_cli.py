@@ -1,4 +1,4 @@
-"""`splitserve serve`: the frontend and N decode workers as local processes, one command.
+"""`splitserve serve`: the frontend, N decode and M prefill workers as local processes, one command.
 
 Lifecycle: start the decode workers and the frontend at the same time; they meet in
 discovery (a private `embedded://` deployment unless --discovery names one): each worker
@@ -25,11 +25,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="torch threads of each worker (same as --num-threads)")
     add_frontend_args(p, model_flags=False)
     p.add_argument("--decode-workers", type=int, default=1, help="decode workers (default 1)")
+    p.add_argument("--prefill-workers", type=int, default=0,
+                   help="prefill workers (default 0: aggregated, decode workers prefill)")
+    from splitserve.runtime.worker_cli import add_kv_transfer_args
+
+    add_kv_transfer_args(p)
     p.add_argument("--discovery", default=None, metavar="URL",
                    help="discovery the workers register with and the frontend watches "
                         "(default: a private embedded:// deployment)")
     p.add_argument("--ready-timeout", type=float, default=900.0,
                    help="seconds to wait for each process to be ready (default 900)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the processes as Ray actors on the cluster at ADDRESS (no ADDRESS: "
+                        "RAY_ADDRESS or this machine's cluster, else a new local one); see "
+                        "runtime/ray/")
+    p.add_argument("--ray-max-restarts", type=int, default=3, metavar="N",
+                   help="with --ray: restarts of each process before it counts as dead (default 3)")
     p.set_defaults(func=run)
 
 
@@ -39,15 +50,24 @@ def build_plan(args: argparse.Namespace, discovery_url: str) -> tuple[list[tuple
     from splitserve.runtime.process import splitserve_argv
 
     log = ["--log-level", str(args.log_level)]
+    kv_argv = ["--kv-transport", args.kv_transport, "--kv-pin-timeout", str(args.kv_pin_timeout),
+               "--kv-pull-timeout", str(args.kv_pull_timeout)]
     workers = []
     for i in range(args.decode_workers):
         name = f"decode-{i}"
         workers.append((name, splitserve_argv(
             *log, "worker", "--role", "decode", "--host", "127.0.0.1", "--port", "0",
-            "--worker-id", name, "--discovery", discovery_url, *engine_argv(args))))
+            "--worker-id", name, "--discovery", discovery_url, *kv_argv, *engine_argv(args))))
+    for i in range(getattr(args, "prefill_workers", 0)):
+        name = f"prefill-{i}"
+        workers.append((name, splitserve_argv(
+            *log, "worker", "--role", "prefill", "--host", "127.0.0.1", "--port", "0",
+            "--worker-id", name, "--discovery", discovery_url, *kv_argv, *engine_argv(args))))
     frontend = splitserve_argv(*log, "frontend", "--host", args.host, "--port", str(args.port),
                                "--stats-interval", str(args.stats_interval), "--model", args.model,
-                               "--discovery", discovery_url)
+                               "--discovery", discovery_url,
+                               "--max-local-prefill-tokens", str(args.max_local_prefill_tokens),
+                               "--max-prefill-queue", str(args.max_prefill_queue))
     if args.max_model_len:
         frontend += ["--max-model-len", str(args.max_model_len)]
     for name in args.served_model_name or ():
@@ -68,7 +88,8 @@ def private_discovery() -> tuple[str, object]:
     return embedded_url(name), deployment_dir(name).parent
 
 
-def wait_healthy(url: str, num_decode: int, timeout: float, stop, group) -> None:
+def wait_healthy(url: str, num_decode: int, timeout: float, stop, group,
+                 num_prefill: int = 0) -> None:
     """Poll the frontend's /health until every worker counts; ChildFailed if a child dies."""
     import json
     import time
@@ -82,7 +103,8 @@ def wait_healthy(url: str, num_decode: int, timeout: float, stop, group) -> None
     while True:
         try:
             with opener.open(url + "/health", timeout=2) as resp:
-                if json.load(resp)["workers"].get("decode", 0) >= num_decode:
+                counts = json.load(resp)["workers"]
+                if counts.get("decode", 0) >= num_decode and counts.get("prefill", 0) >= num_prefill:
                     return
         except (urllib.error.URLError, OSError, json.JSONDecodeError):
             pass
@@ -107,8 +129,15 @@ def run(args: argparse.Namespace) -> int:
     from splitserve.runtime.process import ChildFailed, ProcessGroup
 
     log = logging.getLogger("splitserve.serve")
+    if getattr(args, "ray", None) is not None:
+        from splitserve.runtime.ray.launcher import run_on_ray
+
+        return run_on_ray(args)
     if args.decode_workers < 1:
         print("splitserve serve: --decode-workers must be >= 1", file=sys.stderr)
+        return 2
+    if args.prefill_workers < 0:
+        print("splitserve serve: --prefill-workers must be >= 0", file=sys.stderr)
         return 2
 
     stop = threading.Event()
@@ -138,17 +167,29 @@ def run(args: argparse.Namespace) -> int:
         group.wait_all_ready(args.ready_timeout, cancelled=stop)
         event = frontend.ready_event or {}
         url = event.get("url") or f"http://{args.host}:{event.get('port', args.port)}"
-        wait_healthy(url, args.decode_workers, args.ready_timeout, stop, group)
-        n = args.decode_workers
+        wait_healthy(url, args.decode_workers, args.ready_timeout, stop, group,
+                     num_prefill=args.prefill_workers)
+        n, m = args.decode_workers, args.prefill_workers
         print(f"splitserve: serving {args.model} at {url}/v1 "
-              f"({n} decode worker{'s' if n != 1 else ''}); "
+              f"({n} decode worker{'s' if n != 1 else ''}"
+              f"{f', {m} prefill worker' + ('s' if m != 1 else '') if m else ''}); "
               "Ctrl-C to stop", flush=True)
+        reported: set[str] = set()
         while not stop.wait(0.2):
-            dead = group.first_exited()
-            if dead is not None:
-                log.error("%s exited unexpectedly with code %s; stopping everything",
-                          dead.name, dead.poll())
-                return 1
+            dead = group.first_exited(ignore=reported)
+            if dead is None:
+                continue
+            decode_left = [c for c in group.children
+                           if c.name.startswith("decode-") and c.poll() is None]
+            if dead.name.startswith("prefill-") and decode_left:
+                # Degraded, not down: decode workers prefill locally from now on.
+                log.error("%s exited unexpectedly with code %s; serving on without it "
+                          "(decode workers prefill locally)", dead.name, dead.poll())
+                reported.add(dead.name)
+                continue
+            log.error("%s exited unexpectedly with code %s; stopping everything",
+                      dead.name, dead.poll())
+            return 1
         log.info("stopping (signal %s)", signals[0] if signals else "?")
         return 0
     except ChildFailed as exc:

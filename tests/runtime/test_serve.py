@@ -3,15 +3,14 @@ stops every child and frees the port, a crashed child is reported (exit 1), and 
 die with a SIGKILLed parent."""
 
 import os
-import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import openai
 import pytest
+
+from tests.helpers.serve import start_serve as _start_serve
 
 pytestmark = pytest.mark.live
 
@@ -19,38 +18,13 @@ FLAGS = ["--port", "0", "--dtype", "bfloat16", "--num-threads-per-worker", "1",
          "--kv-cache-memory", "32MiB", "--max-model-len", "512", "--log-level", "WARNING"]
 
 
-def _skip_without_model():
-    try:
-        from splitserve.engine.model_loader import default_model_path
-
-        default_model_path()
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"default model not installed: {exc}")
-
-
 def start_serve(*extra: str):
     """Popen of `splitserve serve`, and the /v1 URL it printed."""
-    _skip_without_model()
-    argv = [sys.executable, "-m", "splitserve.runtime.cli"]
-    # --log-level is a global flag: it goes before the subcommand
     flags = list(FLAGS)
     i = flags.index("--log-level")
-    level = flags[i : i + 2]
+    level = flags[i + 1]
     del flags[i : i + 2]
-    proc = subprocess.Popen(argv + level + ["serve", *flags, *extra], stdout=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        m = re.search(r"serving .* at (http://\S+/v1)", line)
-        if m:
-            return proc, m.group(1)
-    proc.kill()
-    proc.wait()
-    pytest.fail("splitserve serve did not print its URL")
+    return _start_serve(*flags, *extra, log_level=level)
 
 
 def children_of(pid: int) -> list[int]:

@@ -1,0 +1,107 @@
+"""Conditional disaggregation: whether a request's prompt is prefilled by a prefill worker
+(then its KV blocks move to a decode worker) or by the decode worker itself.
+
+Remote prefill is worth its extra hop and KV transfer only for long prompts: a short
+prompt's prefill fits in one engine step next to the decode batch, while a long one would
+stall every running request's next token for its whole prefill (on this 2-core CPU a
+1,024-token prefill is about a second). So a request goes remote when its uncached prompt
+tokens exceed `max_local_prefill_tokens` and some prefill worker's queue is under
+`max_prefill_queue`; otherwise, or when the prefill worker fails, the decode worker
+prefills locally and the request still succeeds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from splitserve.frontend.errors import OpenAIError
+from splitserve.frontend.worker_pool import WorkerClient, WorkerPool
+
+logger = logging.getLogger(__name__)
+
+#: Default of `--max-local-prefill-tokens` (see README: measured with bench disagg).
+DEFAULT_MAX_LOCAL_PREFILL_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class DisaggConfig:
+    #: Prompts with more uncached tokens than this are prefilled remotely when a prefill
+    #: worker is free; 0: remote whenever a prefill worker exists.
+    max_local_prefill_tokens: int = DEFAULT_MAX_LOCAL_PREFILL_TOKENS
+    #: A prefill worker whose queue (waiting + in flight from here) reaches this is full.
+    max_prefill_queue: int = 4
+    #: Seconds a Prefill call may take.
+    prefill_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.max_local_prefill_tokens < 0:
+            raise ValueError("max_local_prefill_tokens must be >= 0")
+        if self.max_prefill_queue < 1:
+            raise ValueError("max_prefill_queue must be >= 1")
+        if self.prefill_timeout_s <= 0:
+            raise ValueError("prefill_timeout_s must be > 0")
+
+
+def prefill_queue(w: WorkerClient) -> int:
+    waiting = int(w.stats.num_waiting) if w.stats is not None else 0
+    return max(waiting, w.in_flight)
+
+
+def uncached_tokens(pool: WorkerPool, prompt: Sequence[int]) -> int:
+    """Prompt tokens no decode worker holds (the router's index answers when it is wired;
+    without it every token counts as uncached)."""
+    estimate = getattr(pool, "uncached_tokens", None)
+    return len(prompt) if estimate is None else int(estimate(prompt))
+
+
+def choose_prefill(pool: WorkerPool, prompt: Sequence[int], config: DisaggConfig) -> WorkerClient | None:
+    """The prefill worker for this prompt, or None to prefill on the decode worker."""
+    workers = pool.workers("prefill", healthy_only=True)
+    if not workers:
+        return None
+    if config.max_local_prefill_tokens and uncached_tokens(pool, prompt) <= config.max_local_prefill_tokens:
+        return None
+    full = [w.worker_id for w in workers if prefill_queue(w) >= config.max_prefill_queue]
+    if len(full) == len(workers):
+        return None
+    return pool.pick("prefill", prompt, exclude=full)
+
+
+async def remote_prefill(pool: WorkerPool, request: Any, config: DisaggConfig,
+                         metrics: Any) -> Any | None:
+    """Run the prompt on a prefill worker: its PrefillResponse, or None to prefill locally
+    (no worker fits, or the chosen one failed — counted in the fallback metric)."""
+    import grpc
+
+    from splitserve.frontend.generation import WorkerRequestError
+    from splitserve.runtime.grpc_util import param_from_error
+
+    worker = choose_prefill(pool, request.prompt_token_ids, config)
+    if metrics is not None:
+        metrics.prefill_decisions.labels(kind="local" if worker is None else "remote").inc()
+    if worker is None:
+        return None
+    worker.in_flight += 1
+    try:
+        return await worker.stub.Prefill(request, timeout=config.prefill_timeout_s)
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code()
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            raise WorkerRequestError(400, exc.details() or "invalid request",
+                                     param=param_from_error(exc)) from None
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            pool.mark_failed(worker.worker_id, exc.details() or code.name)
+        logger.warning("prefill worker %s failed %s (%s: %s); prefilling on the decode worker",
+                       worker.worker_id, request.request_id, code.name, exc.details())
+        if metrics is not None:
+            metrics.prefill_fallbacks.labels(reason=code.name.lower()).inc()
+        return None
+    finally:
+        worker.in_flight -= 1
+
+
+__all__ = ["DisaggConfig", "DEFAULT_MAX_LOCAL_PREFILL_TOKENS", "choose_prefill",
+           "remote_prefill", "OpenAIError"]
