@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Callable
 
-from splitserve.planner.connectors import Connector
+from splitserve.planner.connectors import Connector, ConnectorError
 from splitserve.planner.core import Planner
 from splitserve.planner.observe import PrometheusObserver
 from splitserve.planner.types import Decision
@@ -39,13 +39,13 @@ def run_loop(
     try:
         try:
             observer.observe(clock(), *connector.current())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, ConnectorError) as exc:
             log.warning("first scrape failed (%s); retrying next tick", exc)
         while not stop.wait(interval_s):
             try:
                 prefill, decode = connector.current()
                 obs = observer.observe(clock(), prefill, decode)
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, ConnectorError) as exc:
                 log.warning("observation failed, tick skipped: %s", exc)
                 continue
             if obs is None:

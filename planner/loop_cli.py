@@ -1,11 +1,14 @@
 """`splitserve planner`: the SLO planner, live.
 
-    splitserve planner --ttft-ms 500 --itl-ms 50 --connector dry-run|kubernetes \
+    splitserve planner --ttft-ms 500 --itl-ms 50 --connector dry-run|kubernetes|local \
         --interval 30s --metrics-url http://FRONTEND/metrics [--profile FILE]
+    splitserve planner ... --connector local --discovery embedded://NAME [engine flags]
 
 Scrapes the frontends' Prometheus metrics every interval, sizes the pools and applies the
-result through the connector, until SIGINT or SIGTERM. `local` and `ray` connectors come
-with the serving stack.
+result through the connector, until SIGINT or SIGTERM. The `local` connector starts and
+stops `splitserve worker` processes that register with `--discovery` (the URL given to
+`splitserve serve --discovery`), with the engine flags given here; it stops the workers it
+started when the planner exits.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ log = logging.getLogger(__name__)
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("planner", help="run the SLO planner loop live", description=__doc__.splitlines()[0])
     add_slo_args(p, required=True)
-    p.add_argument("--connector", default="dry-run", help="dry-run | kubernetes (default dry-run)")
+    p.add_argument("--connector", default="dry-run", help="dry-run | kubernetes | local (default dry-run)")
     p.add_argument("--interval", type=parse_duration, default=30.0, help="tick interval (default 30s)")
     p.add_argument(
         "--metrics-url",
@@ -52,7 +55,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     k.add_argument("--k8s-namespace", default="default", help="namespace of the Deployments (default: default)")
     k.add_argument("--k8s-prefill-deployment", default="splitserve-prefill", help="prefill Deployment name")
     k.add_argument("--k8s-decode-deployment", default="splitserve-decode", help="decode Deployment name")
+    _add_local_args(p)
     p.set_defaults(func=run)
+
+
+def _add_local_args(p: argparse.ArgumentParser) -> None:
+    from splitserve.engine.cli import add_engine_args
+    from splitserve.runtime.worker_cli import add_kv_transfer_args
+
+    g = p.add_argument_group(
+        "local connector",
+        "workers of a deployment on this host; the engine and KV transfer flags below are each "
+        "new worker's (use the ones given to `splitserve serve`; --num-threads: threads per "
+        "worker, default 1)",
+    )
+    g.add_argument("--discovery", default=None, metavar="URL",
+                   help="discovery of the deployment (the --discovery of `splitserve serve`)")
+    g.add_argument("--max-workers", type=int, default=4,
+                   help="most worker processes of the deployment, both roles, whoever started them (default 4)")
+    g.add_argument("--local-roles", default="decode", metavar="ROLES",
+                   help="roles to resize, comma-separated (default decode; prefill,decode when the "
+                        "deployment runs prefill workers)")
+    g.add_argument("--local-stop-external", action="store_true",
+                   help="also stop workers this planner did not start when scaling down (note: "
+                        "`splitserve serve` exits when one of its own workers exits)")
+    g.add_argument("--worker-ready-timeout", type=parse_duration, default=600.0,
+                   help="kill a started worker not ready after this long (default 600s)")
+    g.add_argument("--worker-drain-timeout", type=parse_duration, default=60.0,
+                   help="SIGKILL a stopped worker still draining after this long (default 60s)")
+    add_kv_transfer_args(g)
+    add_engine_args(g)
 
 
 def _connector_options(args: argparse.Namespace) -> dict:
@@ -67,6 +99,30 @@ def _connector_options(args: argparse.Namespace) -> dict:
             "namespace": args.k8s_namespace,
             "prefill_deployment": args.k8s_prefill_deployment,
             "decode_deployment": args.k8s_decode_deployment,
+        }
+    if args.connector == "local":
+        from splitserve.runtime.engine_args import engine_argv
+
+        if not args.discovery:
+            raise ValueError("--connector local needs --discovery URL (the deployment's discovery)")
+        roles = tuple(r.strip() for r in args.local_roles.split(",") if r.strip())
+        to_zero = args.scale_to_zero_after is not None
+        return {
+            "discovery_url": args.discovery,
+            "worker_args": (
+                "--kv-transport", args.kv_transport, "--kv-pin-timeout", str(args.kv_pin_timeout),
+                "--kv-pull-timeout", str(args.kv_pull_timeout),
+                *engine_argv(argparse.Namespace(**{**vars(args), "num_threads": None})),
+            ),
+            "threads_per_worker": args.num_threads or 1,
+            "max_workers": args.max_workers,
+            "roles": roles,
+            "min_prefill_workers": 0 if to_zero else args.min_prefill,
+            "min_decode_workers": 0 if to_zero else args.min_decode,
+            "stop_external": args.local_stop_external,
+            "ready_timeout_s": args.worker_ready_timeout,
+            "stop_timeout_s": args.worker_drain_timeout,
+            "log_level": str(args.log_level),
         }
     return {}
 

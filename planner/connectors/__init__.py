@@ -1,8 +1,7 @@
 """Connectors: apply planner decisions to a deployment, behind one protocol and a registry.
 
-Registered: `dry-run` (records decisions) and `kubernetes` (Deployment replicas). The
-`local` (processes of `splitserve serve`) and `ray` connectors need the serving stack and
-are not registered yet.
+Registered: `dry-run` (records decisions), `kubernetes` (Deployment replicas) and `local`
+(worker processes of a deployment on this host, e.g. one `splitserve serve` started).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ CONNECTORS: Mapping[str, str] = MappingProxyType(
     {
         "dry-run": "splitserve.planner.connectors.dry_run:DryRunConnector",
         "kubernetes": "splitserve.planner.connectors.kubernetes:KubernetesConnector",
+        "local": "splitserve.planner.connectors.local:LocalConnector",
     }
 )
 
