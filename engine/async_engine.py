@@ -202,6 +202,16 @@ class AsyncEngine:
                 else:
                     loop.call_soon_threadsafe(_set_result, fut, result)
 
+    def _flush_events(self) -> None:
+        """Hand this step's KV events (block pool changes) to the sink's consumer."""
+        sink = self.engine.pool.event_sink
+        flush = getattr(sink, "flush", None)
+        if flush is not None:
+            try:
+                flush()
+            except Exception:  # noqa: BLE001 - events are advisory; never stop the loop
+                logger.exception("KV event flush failed")
+
     def _run(self) -> None:
         eng = self.engine
         if self.config.num_threads is not None:
@@ -218,6 +228,7 @@ class AsyncEngine:
                                    len(expired), expired)
             if not eng.has_unfinished():
                 self._stats = eng.stats()
+                self._flush_events()  # aborts and expiries change the pool too
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
@@ -227,6 +238,7 @@ class AsyncEngine:
                 logger.exception("engine step raised")
                 outputs = []
             self._stats = eng.stats()  # before delivering: a consumer sees fresh stats
+            self._flush_events()
             for out in outputs:
                 self._deliver(out.request_id, out)
         for rid in list(eng.scheduler.requests):
