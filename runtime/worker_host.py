@@ -1,11 +1,14 @@
 """Hosting one worker process: an AsyncEngine behind a grpc.aio server, for any role.
 
-Lifecycle: `start()` builds the engine (loads the model), picks the servicer of the role,
-binds the gRPC port (0 picks a free one; `port` tells which), starts serving and, with a
-discovery URL, registers the worker (role, address, model, block size); `stop()` first
-deregisters (frontends stop picking it), flips Health to NOT_SERVING, lets running calls
-finish for `grace` seconds, cancels the rest (which aborts their engine requests) and
-shuts the engine down.
+Lifecycle: `start()` binds the gRPC port (0 picks a free one; `port` tells which), builds
+the engine (loads the model) with a `KvEventServer`'s publisher as its block pool's event
+sink, picks the servicer of the role, starts serving (the Worker service and, on the same
+port, the router's KvEvents methods: block stored/removed/cleared batches flushed every
+`kv_events_flush_s`, a snapshot on request, load every 0.5 s) and, with a discovery URL,
+registers the worker (role, address, model, block size, `kv_events`); `stop()` first
+deregisters (frontends stop picking it), flips Health to NOT_SERVING, ends the routers' event
+streams, lets running calls finish for `grace` seconds, cancels the rest (which aborts their
+engine requests) and shuts the engine down.
 """
 
 from __future__ import annotations
@@ -57,6 +60,11 @@ class WorkerConfig:
     kv_pin_timeout_s: float = 30.0
     #: Decode workers: seconds one KV pull may take before falling back to local prefill.
     kv_pull_timeout_s: float = 10.0
+    #: Publish the block pool's KV events (stored/removed/cleared) and load on the
+    #: `splitserve.router.KvEvents` gRPC methods of this worker's server, for KV-aware routers.
+    kv_events: bool = True
+    #: Seconds between flushes of pending KV events to subscribed routers.
+    kv_events_flush_s: float = 0.01
 
     def __post_init__(self) -> None:
         if self.role not in SERVICERS:
@@ -67,6 +75,8 @@ class WorkerConfig:
             raise ValueError("shutdown_grace_s must be >= 0")
         if self.kv_transport not in ("auto", "nixl", "grpc", "none"):
             raise ValueError(f"kv_transport must be auto|nixl|grpc|none, got {self.kv_transport!r}")
+        if self.kv_events_flush_s <= 0:
+            raise ValueError("kv_events_flush_s must be > 0")
         if self.kv_pin_timeout_s <= 0 or self.kv_pull_timeout_s <= 0:
             raise ValueError("kv_pin_timeout_s and kv_pull_timeout_s must be > 0")
 
@@ -87,6 +97,8 @@ class WorkerHost:
         self._discovery: Any = None
         self.transport: Any = None
         self.port: int | None = None
+        #: The KV event server routers subscribe to (None with `kv_events=False`).
+        self.kv_events: Any = None
 
     @property
     def worker_id(self) -> str:
@@ -113,16 +125,33 @@ class WorkerHost:
         from splitserve.runtime.grpc_util import GRPC_OPTIONS, loopback_target
 
         cls = servicer_class(self.config.role)  # fail fast on a role not built yet
-        if self.engine is None:
-            from splitserve.engine.async_engine import AsyncEngine
-
-            self.engine = AsyncEngine(self.config.engine)
-            await self.engine.start()
+        # Bind first: the worker id (and so the KV event publisher) may name the port.
         self._server = grpc.aio.server(options=list(GRPC_OPTIONS))
         bound = self._server.add_insecure_port(loopback_target(self.config.host, self.config.port))
         if bound == 0:
             raise OSError(f"cannot bind gRPC port {self.config.host}:{self.config.port}")
         self.port = bound
+        if self.config.kv_events:
+            engine_cfg = self.engine.config if self.engine is not None else self.config.engine
+            self.kv_events = self._make_kv_events(engine_cfg.block_size)
+        if self.engine is None:
+            from splitserve.engine.async_engine import AsyncEngine
+
+            sink = {"event_sink": self.kv_events.publisher} if self.kv_events else {}
+            self.engine = AsyncEngine(self.config.engine, **sink)
+            await self.engine.start()
+        elif self.kv_events is not None:
+            # An engine built by the caller: publish from its pool unless it has a sink.
+            pool = self.engine.engine.pool
+            if pool.event_sink is None:
+                pool.event_sink = self.kv_events.publisher
+            else:
+                logger.warning("engine pool already has an event sink; %s publishes no "
+                               "KV events", self.worker_id)
+                self.kv_events = None
+        if self.kv_events is not None:
+            self.kv_events.total_blocks = int(self.engine.stats().num_total_blocks)
+            self.kv_events.attach(self._server)
         await self._start_transport()
         kwargs: dict[str, Any] = {"transport": self.transport}
         if self.config.role == "prefill":
@@ -138,11 +167,27 @@ class WorkerHost:
         )
         worker_pb2_grpc.add_WorkerServicer_to_server(self.servicer, self._server)
         await self._server.start()
+        if self.kv_events is not None:
+            await self.kv_events.start()
         if hasattr(self.servicer, "start"):
             await self.servicer.start()
         logger.info("%s worker %s serving on %s", self.config.role, self.worker_id, self.address)
         if self.config.discovery_url:
             await self._register()
+
+    def _make_kv_events(self, block_size: int) -> Any:
+        """The KV event server of this worker; its sources read the engine once it exists."""
+        from splitserve.router.service import KvEventServer
+
+        return KvEventServer(
+            self.worker_id,
+            block_size,
+            # Both run on the event loop while the engine thread steps: cached_hashes() is a
+            # single list() of a dict (atomic under the GIL), stats() the last step's copy.
+            snapshot_source=lambda: self.engine.engine.pool.cached_hashes(),
+            stats_source=lambda: self.engine.stats(),
+            flush_interval_s=self.config.kv_events_flush_s,
+        )
 
     async def _start_transport(self) -> None:
         """Register this worker's whole KV pool with the transport (once)."""
@@ -175,7 +220,9 @@ class WorkerHost:
                 block_size=self.config.engine.block_size,
                 nixl_metadata=self.transport.local_metadata() if self.transport else None,
                 extra={"max_model_len": int(self.engine.max_model_len),
-                       "kv_transport": self.transport.kind if self.transport else ""},
+                       "kv_transport": self.transport.kind if self.transport else "",
+                       # KvEvents methods on `address` (splitserve.router.service).
+                       "kv_events": self.kv_events is not None},
             ),
             ttl_s=self.config.discovery_ttl_s,
         )
@@ -190,6 +237,10 @@ class WorkerHost:
             self._discovery = None
         if self.servicer is not None:
             self.servicer.set_serving(False)
+        if self.kv_events is not None:
+            # End the routers' (endless) event streams so the grace below is for requests.
+            await self.kv_events.stop()
+            self.kv_events = None
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace_s if grace is None else grace)
             self._server = None
