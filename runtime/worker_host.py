@@ -3,8 +3,8 @@
 Lifecycle: `start()` binds the gRPC port (0 picks a free one; `port` tells which), builds
 the engine (loads the model) with a `KvEventServer`'s publisher as its block pool's event
 sink, picks the servicer of the role, starts serving (the Worker service and, on the same
-port, the router's KvEvents methods: block stored/removed/cleared batches flushed every
-`kv_events_flush_s`, a snapshot on request, load every 0.5 s) and, with a discovery URL,
+port, the router's KvEvents methods: block stored/removed/cleared batches flushed after
+each engine step and every `kv_events_flush_s`, a snapshot on request, load every 0.5 s) and, with a discovery URL,
 registers the worker (role, address, model, block size, `kv_events`); `stop()` first
 deregisters (frontends stop picking it), flips Health to NOT_SERVING, ends the routers' event
 streams, lets running calls finish for `grace` seconds, cancels the rest (which aborts their
@@ -63,8 +63,9 @@ class WorkerConfig:
     #: Publish the block pool's KV events (stored/removed/cleared) and load on the
     #: `splitserve.router.KvEvents` gRPC methods of this worker's server, for KV-aware routers.
     kv_events: bool = True
-    #: Seconds between flushes of pending KV events to subscribed routers.
-    kv_events_flush_s: float = 0.01
+    #: The engine flushes pending KV events after each step; this timer (seconds) is the
+    #: backstop for events raised between steps.
+    kv_events_flush_s: float = 0.1
 
     def __post_init__(self) -> None:
         if self.role not in SERVICERS:
