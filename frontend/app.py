@@ -73,6 +73,14 @@ def create_app(
     async def lifespan(app: FastAPI):
         worker_pool.on_stats.append(metrics.observe_pool)
         worker_pool.on_remove.append(metrics.forget_worker)
+        routing = None
+        if config.router is not None:
+            from splitserve.frontend.routing import KvRouting
+
+            routing = KvRouting(config.router, worker_pool)
+            await routing.start()  # before discovery: it follows every worker that joins
+            metrics.attach_router(routing.metrics)
+            app.state.routing = routing
         sync = None
         if config.discovery_url:
             from splitserve.frontend.discovery_sync import DiscoverySync
@@ -85,6 +93,8 @@ def create_app(
         finally:
             if sync is not None:
                 await sync.stop()
+            if routing is not None:
+                await routing.stop()
             await worker_pool.close()
 
     app = FastAPI(title="splitserve", version="0.1.0", lifespan=lifespan)

@@ -43,6 +43,10 @@ def add_frontend_args(p: argparse.ArgumentParser, *, model_flags: bool = True) -
                         f"free; 0: always when one exists (default {DEFAULT_MAX_LOCAL_PREFILL_TOKENS})")
     p.add_argument("--max-prefill-queue", type=int, default=4,
                    help="a prefill worker with this many queued prompts counts as full (default 4)")
+    from splitserve.frontend.routing import add_router_args
+
+    # `serve` sets the router's block size from the engine's.
+    add_router_args(p, block_size=model_flags)
 
 
 def parse_worker_spec(text: str) -> tuple[str, str]:
@@ -57,6 +61,7 @@ def config_from_args(args: argparse.Namespace):
     from splitserve.engine.config import DEFAULT_MODEL
     from splitserve.frontend.config import FrontendConfig
     from splitserve.frontend.disagg import DisaggConfig
+    from splitserve.frontend.routing import router_config_from_args
 
     return FrontendConfig(
         model=args.model or DEFAULT_MODEL,
@@ -69,6 +74,8 @@ def config_from_args(args: argparse.Namespace):
         discovery_url=getattr(args, "discovery", None),
         disagg=DisaggConfig(max_local_prefill_tokens=args.max_local_prefill_tokens,
                             max_prefill_queue=args.max_prefill_queue),
+        router=router_config_from_args(
+            args, max_local_prefill_tokens=args.max_local_prefill_tokens),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from splitserve.frontend.disagg import DisaggConfig
+from splitserve.router.config import RouterConfig
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class FrontendConfig:
     max_choices: int = 128
     #: When to prefill on a prefill worker (conditional disaggregation).
     disagg: DisaggConfig = field(default_factory=DisaggConfig)
+    #: The KV-aware router that picks workers (frontend.routing: it follows every worker's
+    #: KV events); None: the pool's least-loaded choice. The CLI always sets one (mode kv
+    #: unless --router-mode says otherwise).
+    router: RouterConfig | None = None
 
     def __post_init__(self) -> None:
         if not (0 <= self.port < 65536):

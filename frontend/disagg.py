@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from splitserve.frontend.errors import OpenAIError
+from splitserve.frontend.errors import NoWorkerAvailable, OpenAIError
 from splitserve.frontend.worker_pool import WorkerClient, WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -57,8 +57,10 @@ def uncached_tokens(pool: WorkerPool, prompt: Sequence[int]) -> int:
     return len(prompt) if estimate is None else int(estimate(prompt))
 
 
-def choose_prefill(pool: WorkerPool, prompt: Sequence[int], config: DisaggConfig) -> WorkerClient | None:
-    """The prefill worker for this prompt, or None to prefill on the decode worker."""
+def choose_prefill(pool: WorkerPool, prompt: Sequence[int], config: DisaggConfig,
+                   request_id: str | None = None) -> WorkerClient | None:
+    """The prefill worker for this prompt, or None to prefill on the decode worker (also
+    when the pool's selector finds every prefill worker busy)."""
     workers = pool.workers("prefill", healthy_only=True)
     if not workers:
         return None
@@ -67,7 +69,10 @@ def choose_prefill(pool: WorkerPool, prompt: Sequence[int], config: DisaggConfig
     full = [w.worker_id for w in workers if prefill_queue(w) >= config.max_prefill_queue]
     if len(full) == len(workers):
         return None
-    return pool.pick("prefill", prompt, exclude=full)
+    try:
+        return pool.pick("prefill", prompt, exclude=full, request_id=request_id)
+    except NoWorkerAvailable:
+        return None
 
 
 async def remote_prefill(pool: WorkerPool, request: Any, config: DisaggConfig,
@@ -79,7 +84,7 @@ async def remote_prefill(pool: WorkerPool, request: Any, config: DisaggConfig,
     from splitserve.frontend.generation import WorkerRequestError
     from splitserve.runtime.grpc_util import param_from_error
 
-    worker = choose_prefill(pool, request.prompt_token_ids, config)
+    worker = choose_prefill(pool, request.prompt_token_ids, config, request.request_id)
     if metrics is not None:
         metrics.prefill_decisions.labels(kind="local" if worker is None else "remote").inc()
     if worker is None:
@@ -101,6 +106,7 @@ async def remote_prefill(pool: WorkerPool, request: Any, config: DisaggConfig,
         return None
     finally:
         worker.in_flight -= 1
+        pool.request_first_token(request.request_id)  # the prefill worker's part is over
 
 
 __all__ = ["DisaggConfig", "DEFAULT_MAX_LOCAL_PREFILL_TOKENS", "choose_prefill",

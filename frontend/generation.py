@@ -55,7 +55,22 @@ async def worker_stream(
 ) -> AsyncIterator[Any]:
     """GenerateResponses of one request; closing it cancels the call. With `disagg` (a
     DisaggConfig) a long prompt is prefilled on a prefill worker first: its first token
-    is yielded at once, then the decode worker continues from the pulled KV blocks."""
+    is yielded at once, then the decode worker continues from the pulled KV blocks. The
+    pool hears when the request ends, however it ends (the KV router's load view)."""
+    stream = _worker_stream(pool, request, retry_after_s=retry_after_s, disagg=disagg,
+                            metrics=metrics)
+    try:
+        async with contextlib.aclosing(stream):
+            async for resp in stream:
+                yield resp
+    finally:
+        pool.request_finished(request.request_id)
+
+
+async def _worker_stream(
+    pool: WorkerPool, request: Any, *, retry_after_s: int = 1, disagg: Any = None,
+    metrics: Any = None,
+) -> AsyncIterator[Any]:
     import grpc
 
     from splitserve.runtime.grpc_util import param_from_error
@@ -75,7 +90,9 @@ async def worker_stream(
 
     tried: list[str] = []
     while True:
-        worker = pool.pick("decode", request.prompt_token_ids, exclude=tried, retry_after_s=retry_after_s)
+        worker = pool.pick("decode", request.prompt_token_ids, exclude=tried,
+                           retry_after_s=retry_after_s, request_id=request.request_id,
+                           remote_kv=request.HasField("kv_handle"))
         tried.append(worker.worker_id)
         worker.in_flight += 1
         call = worker.generate(request)
@@ -83,6 +100,8 @@ async def worker_stream(
         done = False
         try:
             async for resp in call:
+                if not got_any:
+                    pool.request_first_token(request.request_id)
                 got_any = True
                 if resp.finished:
                     done = True
@@ -100,6 +119,7 @@ async def worker_stream(
             if code == grpc.StatusCode.UNAVAILABLE and not got_any:
                 pool.mark_failed(worker.worker_id, exc.details() or "unavailable")
                 if len(tried) < 2 and pool.workers("decode", healthy_only=True):
+                    pool.request_finished(request.request_id)  # drop it from that worker's load
                     logger.warning("worker %s unavailable; retrying %s elsewhere",
                                    worker.worker_id, request.request_id)
                     continue

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401 - re-exported for the app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
     from splitserve.frontend.worker_pool import WorkerPool
@@ -96,5 +98,72 @@ class FrontendMetrics:
             except KeyError:
                 pass
 
+    def attach_router(self, source: Callable[[], dict[str, Any]]) -> None:
+        """Export the KV router's figures (`frontend.routing.KvRouting.metrics`), read at
+        each scrape: `splitserve_router_*`."""
+        self.registry.register(RouterCollector(source))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RouterCollector:
+    """`splitserve_router_*` from a KvRouting.metrics() dict, read at scrape time."""
+
+    def __init__(self, source: Callable[[], dict[str, Any]]) -> None:
+        self._source = source
+
+    @staticmethod
+    def _families() -> dict[str, Any]:
+        c, g = CounterMetricFamily, GaugeMetricFamily
+        return {
+            "info": g("splitserve_router_info", "The KV router's routing mode.", labels=["mode"]),
+            "requests": c("splitserve_router_requests",
+                          "Requests the router sent to a decode (or aggregated) worker."),
+            "prompt_blocks": c("splitserve_router_prompt_blocks",
+                               "Full prompt blocks of the requests routed to decode workers."),
+            "overlap_blocks": c("splitserve_router_overlap_blocks",
+                                "Of those, blocks the chosen worker already held (prefix hits)."),
+            "prefix_hit_rate": g("splitserve_router_prefix_hit_rate",
+                                 "overlap_blocks / prompt_blocks since start."),
+            "no_worker": c("splitserve_router_no_worker",
+                           "Picks refused because every worker was busy or none was known (503)."),
+            "fallback_picks": c("splitserve_router_fallback_picks",
+                                "Picks made without the router (it knew none of the candidates)."),
+            "resyncs": c("splitserve_router_resyncs",
+                         "Index resyncs from a worker snapshot after lost KV events."),
+            "indexed_blocks": g("splitserve_router_indexed_blocks",
+                                "Distinct block hashes in the router's index."),
+            "tracked_requests": g("splitserve_router_tracked_requests",
+                                  "Routed requests in the router's load view."),
+            "workers": g("splitserve_router_workers",
+                         "Workers the router follows, by KV event state.",
+                         labels=["worker", "role", "state"]),
+            "routed": c("splitserve_router_routed_requests",
+                        "Requests routed to each decode worker.", labels=["worker"]),
+            "routed_overlap": c("splitserve_router_routed_overlap_blocks",
+                                "Prompt blocks already cached on the decode worker chosen.",
+                                labels=["worker"]),
+        }
+
+    def describe(self):
+        return list(self._families().values())
+
+    def collect(self):
+        f = self._families()
+        try:
+            m = self._source()
+        except Exception:  # noqa: BLE001 - a scrape must not fail because of the router
+            return []
+        f["info"].add_metric([str(m.get("mode", ""))], 1)
+        for key in ("requests", "prompt_blocks", "overlap_blocks", "no_worker",
+                    "fallback_picks", "resyncs", "prefix_hit_rate", "indexed_blocks",
+                    "tracked_requests"):
+            f[key].add_metric([], float(m.get(key, 0)))
+        for wid, role, state in m.get("workers", ()):
+            f["workers"].add_metric([wid, role, state], 1)
+        for wid, n in m.get("routed", {}).items():
+            f["routed"].add_metric([wid], n)
+        for wid, n in m.get("routed_overlap_blocks", {}).items():
+            f["routed_overlap"].add_metric([wid], n)
+        return list(f.values())

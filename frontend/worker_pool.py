@@ -5,8 +5,10 @@ Lifecycle: `add()` workers (from `--worker role=host:port` flags, or from discov
 `start()` polls every worker's Stats once, then every `stats_interval_s` in the background —
 a worker counts as healthy after a successful poll and stops counting after a failed one
 (or a failed call). `pick(role)` asks the selector for one healthy worker: least-loaded by
-default; the KV-aware router plugs in as another selector. `close()` stops polling and
-closes every channel.
+default; the KV-aware router (`frontend.routing`) plugs in as another selector, one that
+also takes the request's id (it books the request in its load view) and hears of its first
+token and its end through `request_first_token` / `request_finished`. `close()` stops
+polling and closes every channel.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ logger = logging.getLogger(__name__)
 #: Worker roles the pool knows; counts() reports each, even at zero.
 ROLES = ("decode", "prefill")
 
-#: selector(candidates, prompt_token_ids) -> one of the candidates.
+#: selector(candidates, prompt_token_ids) -> one of the candidates. A selector whose
+#: `takes_request_hints` attribute is true is called with keywords too: request_id (str or
+#: None) and remote_kv (the decode worker will pull the prompt's KV from a prefill worker).
 Selector = Callable[[Sequence["WorkerClient"], "Sequence[int] | None"], "WorkerClient"]
 
 
@@ -120,6 +124,8 @@ class WorkerPool:
         self.on_stats: list[Callable[[WorkerPool], None]] = []
         #: Called with a worker id when it is removed.
         self.on_remove: list[Callable[[str], None]] = []
+        #: Called with the WorkerClient when a worker is added.
+        self.on_add: list[Callable[[WorkerClient], None]] = []
 
     # -- membership --------------------------------------------------------------------
     def add(self, worker_id: str, role: str, address: str) -> WorkerClient:
@@ -130,6 +136,8 @@ class WorkerPool:
         client = WorkerClient(worker_id, role, address)
         self._workers[worker_id] = client
         logger.info("worker %s (%s) at %s added", worker_id, role, address)
+        for cb in self.on_add:
+            cb(client)
         return client
 
     async def remove(self, worker_id: str) -> None:
@@ -170,7 +178,12 @@ class WorkerPool:
         prompt_token_ids: Sequence[int] | None = None,
         exclude: Sequence[str] = (),
         retry_after_s: int = 1,
+        *,
+        request_id: str | None = None,
+        remote_kv: bool = False,
     ) -> WorkerClient:
+        """One healthy worker of `role` (NoWorkerAvailable: 503). `request_id` and
+        `remote_kv` go to a selector that takes request hints (the KV router)."""
         candidates = [
             w for w in self._workers.values()
             if w.role == role and w.healthy and w.worker_id not in exclude
@@ -179,7 +192,30 @@ class WorkerPool:
             raise NoWorkerAvailable(role, retry_after_s)
         # Rotate so ties spread over workers instead of always landing on the first.
         k = next(self._rr) % len(candidates)
-        return self.selector(candidates[k:] + candidates[:k], prompt_token_ids)
+        candidates = candidates[k:] + candidates[:k]
+        if getattr(self.selector, "takes_request_hints", False):
+            return self.selector(candidates, prompt_token_ids, request_id=request_id,
+                                 remote_kv=remote_kv)
+        return self.selector(candidates, prompt_token_ids)
+
+    # -- request lifecycle (for a selector that tracks load, e.g. the KV router) ----------
+    def request_first_token(self, request_id: str) -> None:
+        """The request's first token came back from the worker `pick` gave it."""
+        hook = getattr(self.selector, "on_first_token", None)
+        if hook is not None:
+            hook(request_id)
+
+    def request_finished(self, request_id: str) -> None:
+        """The request ended (finished, aborted or failed) on every worker it was given."""
+        hook = getattr(self.selector, "on_finished", None)
+        if hook is not None:
+            hook(request_id)
+
+    def uncached_tokens(self, prompt_token_ids: Sequence[int]) -> int:
+        """Prompt tokens the best decode worker does not hold in its prefix cache (the KV
+        router's index answers; without one every token counts as uncached)."""
+        estimate = getattr(self.selector, "uncached_tokens", None)
+        return len(prompt_token_ids) if estimate is None else int(estimate(prompt_token_ids))
 
     def mark_failed(self, worker_id: str, reason: str = "") -> None:
         """A call to the worker failed at the transport level: stop picking it until a poll succeeds."""

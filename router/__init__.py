@@ -10,6 +10,7 @@ from splitserve.router.config import RouterConfig
 from splitserve.router.errors import (
     BlockSizeMismatch,
     EventGap,
+    KvEventsUnsupported,
     NoWorkerAvailable,
     RouterError,
     UnknownWorker,
@@ -22,6 +23,7 @@ __all__ = [
     "ApplyResult",
     "BlockSizeMismatch",
     "EventGap",
+    "KvEventsUnsupported",
     "KvIndex",
     "NoWorkerAvailable",
     "Role",

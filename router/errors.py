@@ -59,5 +59,14 @@ class NoWorkerAvailable(RouterError):
         self.retry_after_s = retry_after_s
 
 
+class KvEventsUnsupported(RouterError):
+    """A worker serves no KV events (its gRPC server lacks the KvEvents methods): route to
+    it in approximate mode instead."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(f"{target} publishes no KV events")
+        self.target = target
+
+
 class EventDecodeError(RouterError, ValueError):
     """A KV event message is not one this version understands."""

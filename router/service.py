@@ -14,8 +14,10 @@ dropped and replaced by a snapshot (in the stream), for that router only.
 Router side, `KvEventSubscriber`: connect → Subscribe → the hello names the worker and its
 block size (`Router.add_worker`: a mismatch is an error, not retried) → Snapshot →
 `load_snapshot` → apply every batch (and any in-stream snapshot), resyncing from a new
-snapshot on an event-id gap, and feed the stats messages to `Router.update_stats` → when the stream breaks, `remove_worker` and
-reconnect with backoff. `stop()` ends it and removes the worker.
+snapshot on an event-id gap, and feed the stats messages to `Router.update_stats` → when the
+stream breaks, `remove_worker` and reconnect with backoff. `stop()` ends it and removes the
+worker. Fatal, not retried (the task ends with it, `error` keeps it): a block-size mismatch,
+and `KvEventsUnsupported` (the worker's server has no KvEvents methods: UNIMPLEMENTED).
 """
 
 from __future__ import annotations
@@ -28,7 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from splitserve.router.errors import BlockSizeMismatch, EventDecodeError, EventGap
+from splitserve.router.errors import (
+    BlockSizeMismatch,
+    EventDecodeError,
+    EventGap,
+    KvEventsUnsupported,
+)
 from splitserve.router.events import (
     WIRE_VERSION,
     KvEventBatch,
@@ -286,6 +293,10 @@ class KvEventSubscriber:
                 self.error = exc
                 logger.error("%s: %s; not subscribing", self.target, exc)
                 raise
+            except KvEventsUnsupported as exc:
+                self.error = exc
+                logger.info("%s", exc)
+                raise
             except Exception as exc:  # connection loss, worker restart, decode error
                 logger.warning("KV event stream from %s ended: %s", self.target, exc)
             await asyncio.sleep(delay)
@@ -299,7 +310,12 @@ class KvEventSubscriber:
             subscribe = ch.unary_stream(SUBSCRIBE_METHOD)
             snapshot = ch.unary_unary(SNAPSHOT_METHOD)
             call = subscribe(encode_subscribe(cfg_bs))
-            first = await call.read()
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    raise KvEventsUnsupported(self.target) from None
+                raise
             if first is grpc.aio.EOF:
                 return
             hello = decode_message(first)

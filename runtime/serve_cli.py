@@ -70,6 +70,10 @@ def build_plan(args: argparse.Namespace, discovery_url: str) -> tuple[list[tuple
                                "--max-prefill-queue", str(args.max_prefill_queue))
     if args.max_model_len:
         frontend += ["--max-model-len", str(args.max_model_len)]
+    from splitserve.engine.config import EngineConfig
+    from splitserve.frontend.routing import router_argv
+
+    frontend += router_argv(args, getattr(args, "block_size", None) or EngineConfig.block_size)
     for name in args.served_model_name or ():
         frontend += ["--served-model-name", name]
     if args.api_key:
@@ -138,6 +142,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.prefill_workers < 0:
         print("splitserve serve: --prefill-workers must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        from splitserve.frontend.routing import router_config_from_args
+
+        router_config_from_args(args)
+    except ValueError as exc:
+        print(f"splitserve serve: {exc}", file=sys.stderr)
         return 2
 
     stop = threading.Event()

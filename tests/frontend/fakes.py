@@ -81,8 +81,10 @@ async def inprocess_stack(
     num_kv_blocks: int = 64,
     stats_interval_s: float = 0.2,
     with_workers: bool = True,
+    router: Any = None,
 ):
-    """Tiny engines behind real gRPC workers, a real app on uvicorn; yields a Stack."""
+    """Tiny engines behind real gRPC workers, a real app on uvicorn; yields a Stack.
+    `router` (a RouterConfig) turns the frontend's KV-aware routing on."""
     import uvicorn
 
     from splitserve.engine.async_engine import AsyncEngine
@@ -109,7 +111,7 @@ async def inprocess_stack(
             pool.add(f"decode-{i}", "decode", host.address)
         config = FrontendConfig(model="tiny", served_model_names=("tiny",), port=0,
                                 api_key=api_key, max_model_len=max_model_len,
-                                stats_interval_s=stats_interval_s)
+                                stats_interval_s=stats_interval_s, router=router)
         app = create_app(config, pool, fake_tokenizer(cfg.vocab_size), model_name="tiny",
                          model_max_len=cfg.max_position_embeddings)
         sock = socket.socket()
