@@ -1,14 +1,15 @@
 """`splitserve planner`: the SLO planner, live.
 
-    splitserve planner --ttft-ms 500 --itl-ms 50 --connector dry-run|kubernetes|local \
+    splitserve planner --ttft-ms 500 --itl-ms 50 --connector dry-run|kubernetes|local|ray \
         --interval 30s --metrics-url http://FRONTEND/metrics [--profile FILE]
-    splitserve planner ... --connector local --discovery embedded://NAME [engine flags]
+    splitserve planner ... --connector local --discovery embedded://NAME [worker flags]
+    splitserve planner ... --connector ray --discovery etcd://HOST:PORT [--ray-address A] [worker flags]
 
 Scrapes the frontends' Prometheus metrics every interval, sizes the pools and applies the
-result through the connector, until SIGINT or SIGTERM. The `local` connector starts and
-stops `splitserve worker` processes that register with `--discovery` (the URL given to
-`splitserve serve --discovery`), with the engine flags given here; it stops the workers it
-started when the planner exits.
+result through the connector, until SIGINT or SIGTERM. The `local` and `ray` connectors
+start and stop `splitserve worker` processes (local children, or Ray actors) that register
+with `--discovery` (the URL given to `splitserve serve --discovery`), with the worker flags
+given here; they stop the workers they started when the planner exits.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("planner", help="run the SLO planner loop live", description=__doc__.splitlines()[0])
     add_slo_args(p, required=True)
-    p.add_argument("--connector", default="dry-run", help="dry-run | kubernetes | local (default dry-run)")
+    p.add_argument("--connector", default="dry-run", help="dry-run | kubernetes | local | ray (default dry-run)")
     p.add_argument("--interval", type=parse_duration, default=30.0, help="tick interval (default 30s)")
     p.add_argument(
         "--metrics-url",
@@ -64,27 +65,57 @@ def _add_local_args(p: argparse.ArgumentParser) -> None:
     from splitserve.runtime.worker_cli import add_kv_transfer_args
 
     g = p.add_argument_group(
-        "local connector",
-        "workers of a deployment on this host; the engine and KV transfer flags below are each "
+        "local and ray connectors",
+        "workers that register with --discovery; the engine and KV transfer flags below are each "
         "new worker's (use the ones given to `splitserve serve`; --num-threads: threads per "
         "worker, default 1)",
     )
     g.add_argument("--discovery", default=None, metavar="URL",
-                   help="discovery of the deployment (the --discovery of `splitserve serve`)")
+                   help="discovery of the deployment (the --discovery of `splitserve serve`; "
+                        "etcd://... for ray)")
     g.add_argument("--max-workers", type=int, default=4,
-                   help="most worker processes of the deployment, both roles, whoever started them (default 4)")
-    g.add_argument("--local-roles", default="decode", metavar="ROLES",
+                   help="most workers of the deployment, both roles, whoever started them (default 4)")
+    g.add_argument("--worker-roles", "--local-roles", dest="worker_roles", default="decode", metavar="ROLES",
                    help="roles to resize, comma-separated (default decode; prefill,decode when the "
                         "deployment runs prefill workers)")
-    g.add_argument("--local-stop-external", action="store_true",
-                   help="also stop workers this planner did not start when scaling down (note: "
-                        "`splitserve serve` exits when one of its own workers exits)")
+    g.add_argument("--stop-external", "--local-stop-external", dest="stop_external", action="store_true",
+                   help="local: also stop workers this planner did not start when scaling down (note: "
+                        "`splitserve serve` exits when one of its own decode workers exits)")
     g.add_argument("--worker-ready-timeout", type=parse_duration, default=600.0,
                    help="kill a started worker not ready after this long (default 600s)")
     g.add_argument("--worker-drain-timeout", type=parse_duration, default=60.0,
-                   help="SIGKILL a stopped worker still draining after this long (default 60s)")
+                   help="kill a stopped worker still draining after this long (default 60s)")
+    g.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="ray: the cluster to join (default auto: RAY_ADDRESS or this machine's)")
+    g.add_argument("--ray-namespace", default=None, help="ray: namespace to join (default anonymous)")
+    g.add_argument("--ray-max-restarts", type=int, default=0, metavar="N",
+                   help="ray: restarts of a worker's actor when its process dies (default 0)")
     add_kv_transfer_args(g)
     add_engine_args(g)
+
+
+def _worker_pool_options(args: argparse.Namespace) -> dict:
+    from splitserve.runtime.engine_args import engine_argv
+
+    if not args.discovery:
+        raise ValueError(f"--connector {args.connector} needs --discovery URL (the deployment's discovery)")
+    to_zero = args.scale_to_zero_after is not None
+    return {
+        "discovery_url": args.discovery,
+        "worker_args": (
+            "--kv-transport", args.kv_transport, "--kv-pin-timeout", str(args.kv_pin_timeout),
+            "--kv-pull-timeout", str(args.kv_pull_timeout),
+            *engine_argv(argparse.Namespace(**{**vars(args), "num_threads": None})),
+        ),
+        "threads_per_worker": args.num_threads or 1,
+        "max_workers": args.max_workers,
+        "roles": tuple(r.strip() for r in args.worker_roles.split(",") if r.strip()),
+        "min_prefill_workers": 0 if to_zero else args.min_prefill,
+        "min_decode_workers": 0 if to_zero else args.min_decode,
+        "ready_timeout_s": args.worker_ready_timeout,
+        "stop_timeout_s": args.worker_drain_timeout,
+        "log_level": str(args.log_level),
+    }
 
 
 def _connector_options(args: argparse.Namespace) -> dict:
@@ -101,28 +132,13 @@ def _connector_options(args: argparse.Namespace) -> dict:
             "decode_deployment": args.k8s_decode_deployment,
         }
     if args.connector == "local":
-        from splitserve.runtime.engine_args import engine_argv
-
-        if not args.discovery:
-            raise ValueError("--connector local needs --discovery URL (the deployment's discovery)")
-        roles = tuple(r.strip() for r in args.local_roles.split(",") if r.strip())
-        to_zero = args.scale_to_zero_after is not None
+        return {**_worker_pool_options(args), "stop_external": args.stop_external}
+    if args.connector == "ray":
         return {
-            "discovery_url": args.discovery,
-            "worker_args": (
-                "--kv-transport", args.kv_transport, "--kv-pin-timeout", str(args.kv_pin_timeout),
-                "--kv-pull-timeout", str(args.kv_pull_timeout),
-                *engine_argv(argparse.Namespace(**{**vars(args), "num_threads": None})),
-            ),
-            "threads_per_worker": args.num_threads or 1,
-            "max_workers": args.max_workers,
-            "roles": roles,
-            "min_prefill_workers": 0 if to_zero else args.min_prefill,
-            "min_decode_workers": 0 if to_zero else args.min_decode,
-            "stop_external": args.local_stop_external,
-            "ready_timeout_s": args.worker_ready_timeout,
-            "stop_timeout_s": args.worker_drain_timeout,
-            "log_level": str(args.log_level),
+            **_worker_pool_options(args),
+            "address": args.ray_address,
+            "namespace": args.ray_namespace,
+            "max_restarts": args.ray_max_restarts,
         }
     return {}
 

@@ -1,7 +1,9 @@
 """Connectors: apply planner decisions to a deployment, behind one protocol and a registry.
 
-Registered: `dry-run` (records decisions), `kubernetes` (Deployment replicas) and `local`
-(worker processes of a deployment on this host, e.g. one `splitserve serve` started).
+Registered: `dry-run` (records decisions), `kubernetes` (Deployment replicas), `local`
+(worker processes of a deployment on this host, e.g. one `splitserve serve` started) and
+`ray` (workers as Ray actors, e.g. of `splitserve serve --ray`); the last two share
+`workers.py`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ CONNECTORS: Mapping[str, str] = MappingProxyType(
         "dry-run": "splitserve.planner.connectors.dry_run:DryRunConnector",
         "kubernetes": "splitserve.planner.connectors.kubernetes:KubernetesConnector",
         "local": "splitserve.planner.connectors.local:LocalConnector",
+        "ray": "splitserve.planner.connectors.ray:RayConnector",
     }
 )
 

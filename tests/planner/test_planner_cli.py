@@ -165,9 +165,9 @@ def test_planner_loop_dry_run_records_decisions(profile_path, tmp_path):
 
 
 def test_planner_unknown_connector_and_missing_profile(profile_path, tmp_path, monkeypatch, capsys):
-    rc = main(["planner", "--ttft-ms", "500", "--itl-ms", "50", "--connector", "ray",
+    rc = main(["planner", "--ttft-ms", "500", "--itl-ms", "50", "--connector", "nope",
                "--metrics-url", "http://127.0.0.1:9/metrics", "--profile", str(profile_path)])
-    assert rc == 2 and "unknown connector 'ray'" in capsys.readouterr().err
+    assert rc == 2 and "unknown connector 'nope'" in capsys.readouterr().err
     monkeypatch.setattr(profile_mod, "default_profile_path", lambda: tmp_path / "missing.json")
     rc = main(["planner", "--ttft-ms", "500", "--itl-ms", "50", "--metrics-url", "http://127.0.0.1:9/metrics"])
     assert rc == 2 and "--profile" in capsys.readouterr().err
