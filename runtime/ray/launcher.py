@@ -290,6 +290,10 @@ def run_on_ray(args: argparse.Namespace) -> int:
         print("splitserve serve: --prefill-workers must be >= 0", file=sys.stderr)
         return 2
 
+    if str(getattr(args, "discovery", None) or "").startswith("embedded:"):
+        print("splitserve serve: --discovery embedded:// cannot cross nodes; give --discovery "
+              "etcd://HOST:PORT, or leave it out to run etcd on the Ray head", file=sys.stderr)
+        return 2
     address = args.ray or None
     namespace = f"splitserve-{os.getpid()}-{secrets.token_hex(3)}"
     try:
@@ -327,6 +331,11 @@ def run_on_ray(args: argparse.Namespace) -> int:
         if stop.is_set():
             return 0
         logger.error("%s", exc)
+        return 1
+    except ray.exceptions.RayError as exc:  # e.g. etcd could not start, a get timed out
+        if stop.is_set():
+            return 0
+        logger.error("Ray: %s", _why(exc))
         return 1
     finally:
         try:
