@@ -4,7 +4,9 @@ kv mode, per worker:
     prefill pool / aggregated:  cost = overlap_weight * prefill_blocks + active_blocks
         prefill_blocks = (prompt tokens not cached there + prefill tokens queued there) / block_size
     decode pool (remote prefill): cost = active_blocks + decode_overlap_weight * blocks_to_pull
-The lowest cost wins, ties go to the larger overlap, remaining ties rotate. With temperature
+The lowest cost wins, ties go to the larger overlap, then to the worker whose prefix cache
+holds fewer blocks (so distinct prefixes spread over workers instead of evicting each
+other on one), remaining ties rotate. With temperature
 T > 0 the worker is sampled with probability ∝ exp(-normalized_cost / T), costs normalized
 to [0, 1] across the candidates. So on the prefill pool the overlap dominates (it is what
 saves compute), on the decode pool the load dominates and the overlap breaks ties (the
@@ -82,14 +84,23 @@ def softmax_sample(costs: Sequence[float], temperature: float, rng: random.Rando
     return len(weights) - 1
 
 
-def argmin_rotating(costs: Sequence[float], tiebreak: Sequence[int] | None, turn: int) -> int:
-    """Index of the lowest cost; among equal costs the largest `tiebreak`; among full ties
-    the `turn`-th (mod their count), so equal workers share the load."""
+def argmin_rotating(
+    costs: Sequence[float],
+    tiebreak: Sequence[int] | None,
+    turn: int,
+    fewest: Sequence[int] | None = None,
+) -> int:
+    """Index of the lowest cost; among equal costs the largest `tiebreak`, then the
+    smallest `fewest`; among full ties the `turn`-th (mod their count), so equal workers
+    share the load."""
     best = min(costs)
     ties = [i for i, c in enumerate(costs) if c == best]
     if tiebreak is not None and len(ties) > 1:
         top = max(tiebreak[i] for i in ties)
         ties = [i for i in ties if tiebreak[i] == top]
+    if fewest is not None and len(ties) > 1:
+        low = min(fewest[i] for i in ties)
+        ties = [i for i in ties if fewest[i] == low]
     return ties[turn % len(ties)]
 
 
@@ -103,9 +114,11 @@ def choose(
     config: RouterConfig,
     rng: random.Random,
     turn: int,
+    cached_blocks: Sequence[int] | None = None,
 ) -> tuple[int, float]:
     """(index of the chosen candidate, its cost) under `config.mode`. `turn` is a counter
-    the caller advances per choice (round-robin position, tie rotation)."""
+    the caller advances per choice (round-robin position, tie rotation); `cached_blocks`
+    (blocks in each candidate's prefix cache, optional) breaks kv-mode ties."""
     n = len(overlaps)
     if n == 0:
         raise ValueError("choose() needs at least one candidate")
@@ -122,5 +135,5 @@ def choose(
     elif config.temperature > 0:
         i = softmax_sample(costs, config.temperature, rng)
     else:
-        i = argmin_rotating(costs, overlaps, turn)
+        i = argmin_rotating(costs, overlaps, turn, cached_blocks)
     return i, costs[i]

@@ -243,8 +243,12 @@ class Router:
         num_blocks = num_tokens // cfg.block_size
         turn = self._turns[pool_name]
         self._turns[pool_name] = turn + 1
+        cached = None
+        if len(ids) > 1 and cfg.mode == "kv" and cfg.temperature == 0:
+            cached = [self.index.num_worker_blocks(w) for w in ids]
         i, cost = choose(
-            role, overlaps, prefill, active, num_tokens, num_blocks, cfg, self.rng, turn
+            role, overlaps, prefill, active, num_tokens, num_blocks, cfg, self.rng, turn,
+            cached,
         )
         return Selection(ids[i], overlaps[i], cost, num_blocks, role)
 

@@ -98,3 +98,11 @@ def test_temperature_sampling_is_seeded_and_favours_cheap_workers():
     assert abs(eq[0] - eq[1]) < 300
     with pytest.raises(ValueError):
         softmax_sample([1, 2], 0.0, r)
+
+
+def test_ties_go_to_the_worker_caching_less():
+    # Equal cost and overlap: the emptier prefix cache wins, whatever the turn.
+    for t in range(4):
+        assert choose(Role.AGGREGATED, [0, 0, 0], [0, 0, 0], [0, 0, 0], 64, 4, cfg(),
+                      random.Random(0), t, [30, 10, 20])[0] == 1
+    assert argmin_rotating([1.0, 1.0, 1.0], [0, 0, 0], 1, [5, 5, 9]) == 1
