@@ -86,11 +86,13 @@ class WorkerClient:
         """Start a Generate call (an async iterator of GenerateResponse; `.cancel()` aborts)."""
         return self.stub.Generate(request)
 
-    async def close(self) -> None:
+    async def close(self, grace: float | None = None) -> None:
+        """Close the channel; with `grace`, calls in flight get that long to finish."""
         if self._channel is not None:
-            await self._channel.close()
+            channel = self._channel
             self._channel = None
             self._stub = None
+            await channel.close(grace)
 
     def __repr__(self) -> str:
         return (
@@ -120,6 +122,9 @@ class WorkerPool:
         self._workers: dict[str, WorkerClient] = {}
         self._poller: asyncio.Task | None = None
         self._rr = itertools.count()
+        #: Seconds a removed (draining) worker's in-flight calls get before its channel closes.
+        self.drain_grace_s = 60.0
+        self._closing: set[asyncio.Task] = set()
         #: Called after every poll round with the pool (metrics hook).
         self.on_stats: list[Callable[[WorkerPool], None]] = []
         #: Called with a worker id when it is removed.
@@ -146,7 +151,11 @@ class WorkerPool:
             return
         for cb in self.on_remove:
             cb(worker_id)
-        await client.close()
+        # A worker that deregistered is draining: its in-flight streams may finish, so
+        # close the channel in the background with a grace period instead of cutting them.
+        task = asyncio.create_task(client.close(grace=self.drain_grace_s))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
         logger.info("worker %s removed", worker_id)
 
     def get(self, worker_id: str) -> WorkerClient | None:
@@ -281,6 +290,9 @@ class WorkerPool:
             self._poller = None
         for w in list(self._workers.values()):
             await w.close()
+        for task in list(self._closing):
+            task.cancel()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 def _short(exc: BaseException) -> str:

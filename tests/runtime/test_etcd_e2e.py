@@ -115,10 +115,6 @@ def test_separate_processes_meet_in_etcd_and_leave_on_sigterm(etcd_server, child
     assert err.value.status_code == 503
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "frontend: DiscoverySync's 'delete' -> WorkerPool.remove() -> WorkerClient.close() closes "
-    "the gRPC channel with no grace, which cancels the in-flight Generate stream (the SSE "
-    "response dies with CancelledError) although the worker itself drains"))
 def test_stream_in_flight_at_sigterm_finishes(etcd_server, children):
     worker, base, client = start_pair(etcd_server, children)
     stream = client.chat.completions.create(
