@@ -21,7 +21,11 @@ class Connector(Protocol):
         """
 
     def close(self) -> None:
-        """Release what the connector holds (files, clients); pools are left as they are."""
+        """Release what the connector holds (files, clients); pools are left as they are.
+
+        Exception: `local` and `ray` stop (drain) the workers they started, which would die
+        with the planner anyway; workers they did not start are left as they are.
+        """
 
 
 class ConnectorError(RuntimeError):

@@ -6,12 +6,14 @@ Real processes on loopback: `splitserve profile` measures this machine (a small 
 default model, and the test runs the planner loop in-process (`Planner` + `LocalConnector` +
 `PrometheusObserver`, 2.5 s ticks) while an async `openai` client sends a load step. The
 ITL target is the profiled single-sequence ITL, so one decode worker is planned for about
-one stream's worth of tokens/s (`cap`); the load step asks for twice that. The frontend's
+one stream's worth of tokens/s (`cap`); the load step asks for twice that (at least 1.2
+req/s of 32 tokens). The frontend's
 `/health` worker count is the ground truth for "decode workers".
 
 The test can fail: before the load the pool must stay at 1 for several ticks (an idle
 planner that scales up anyway fails), the second worker must show up in `/health` while
-the load runs and every request must succeed (the drained worker may not drop any), and
+the load runs and stay until it ends, every request must succeed (the drained worker may
+not drop any), and
 the pool must be back at 1 — with `serve`'s own worker untouched — within bounded waits.
 """
 
@@ -154,7 +156,7 @@ async def _load_step(base: str, rate: float, health: _HealthLog, results: list) 
     """
     import openai
 
-    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=90)
 
     async def one(i: int) -> None:
         t0 = time.monotonic()
@@ -184,7 +186,7 @@ async def _load_step(base: str, rate: float, health: _HealthLog, results: list) 
             i += 1
             await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
         end = time.monotonic()
-        await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=90)
     finally:
         for t in tasks:
             t.cancel()
@@ -223,7 +225,10 @@ def test_decode_pool_follows_a_load_step(tmp_path):
     ctx = decode_context(isl, OSL)
     itl_ms = float(profile.decode_itl_ms(1, ctx)) * 1.01
     cap = decode_capacity(profile, ctx, itl_ms)  # one decode worker at the target
-    rate = min(4.0, 2.0 * cap.tok_s / OSL)
+    # Twice one worker's planned tokens/s; at least 1.2 req/s, so each 2.5 s tick sees a few
+    # completions even when the profile was measured in a busy moment (a tiny rate
+    # quantises to 0-or-1 completion per tick).
+    rate = min(4.0, max(1.2, 2.0 * cap.tok_s / OSL))
     plan = size_pools(profile, rps=rate, isl=isl, osl=OSL, ttft_ms=10_000, itl_ms=itl_ms)
     assert plan.decode_replicas >= 2, (cap, rate)  # the load step needs two workers on paper
     assert size_pools(profile, rps=0.0, isl=isl, osl=OSL, ttft_ms=10_000, itl_ms=itl_ms).decode_replicas <= 1
@@ -242,10 +247,14 @@ def test_decode_pool_follows_a_load_step(tmp_path):
         serve_pids = _serve_worker_pids(serve.proc.pid)
 
         # 3. the planner loop, in-process
+        # A 3-tick moving average bridges a tick with no completion; corrections are off
+        # because the profile and the load run at different moments of this shared machine
+        # (how busy it is swings the ITL 3x), and they are covered by the core's unit tests.
         config = PlannerConfig(
-            ttft_ms=10_000, itl_ms=itl_ms, interval_s=INTERVAL_S, predictor="constant",
-            headroom_quantile=None, scale_down_ticks=2, min_prefill_replicas=0,
+            ttft_ms=10_000, itl_ms=itl_ms, interval_s=INTERVAL_S, predictor="moving-average",
+            predictor_window=3, headroom_quantile=None, scale_down_ticks=2, min_prefill_replicas=0,
             min_decode_replicas=1, max_decode_replicas=2, default_isl=isl, default_osl=OSL,
+            use_corrections=False,
         )
         connector = LocalConnector(LocalConnectorConfig(
             discovery_url=discovery, worker_args=("--model", MODEL, *ENGINE), threads_per_worker=1,
@@ -282,6 +291,8 @@ def test_decode_pool_follows_a_load_step(tmp_path):
             f"decisions: {[(round(t - load_start, 1), d.decode_replicas, d.wanted_decode, round(d.predicted_rps, 2)) for t, d in decisions]}"
         )
         assert load_start < up_at < load_end
+        during = [n for t, n in health.samples if up_at <= t <= load_end]
+        assert during and min(during) == 2, f"the pool flapped during the load: {during}"
         scale_up = next(d for _, d in decisions if d.decode_replicas == 2)
         assert scale_up.wanted_decode >= 2 and scale_up.predicted_rps > 0
 

@@ -50,7 +50,11 @@ FAKE_WORKER = textwrap.dedent(
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         else:
             loop.add_signal_handler(signal.SIGTERM, stop.set)
-        await asyncio.sleep(float(os.environ.get("FAKE_LOAD_S", "0")))
+        try:  # "loading the model"; a SIGTERM meanwhile ends it before it registers
+            await asyncio.wait_for(stop.wait(), float(os.environ.get("FAKE_LOAD_S", "0")))
+            return
+        except asyncio.TimeoutError:
+            pass
         disc = await open_discovery(args.discovery)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
