@@ -20,7 +20,8 @@ class RouterConfig:
     block_size: int = 16
     #: Prefill pool and aggregated (local-prefill) choice: weight of the prompt blocks the
     #: worker would have to compute (uncached blocks + prefill already queued there) against
-    #: its active decode blocks. cost = overlap_weight * prefill_blocks + decode_blocks.
+    #: its active decode blocks. cost = overlap_weight * prefill_blocks + active_blocks +
+    #: new_blocks (the prompt blocks not cached there; see router/policy.py).
     overlap_weight: float = 1.0
     #: Decode pool (remote prefill) choice: weight of the blocks the decode worker would have
     #: to pull. 0 makes load decide alone, with prefix overlap breaking ties.

@@ -5,6 +5,10 @@ tokens count as prefill in flight, its blocks as active, it waits for its first 
 `on_first_token` (its prefill is done; on a prefill worker the whole entry goes, the
 blocks being handed to the decode worker) → `on_finished` (its blocks are released).
 
+Active blocks count each KV block once: requests routed with their prompt's chained block
+hashes share the blocks of a common prefix (per worker, a reference count per hash), as the
+worker's prefix cache shares them; only their other blocks (partial tail) are their own.
+
 The workers' Stats reconcile the view: while fresh (< `stats_ttl_s`), the reported used
 blocks and waiting requests are floors under the tracked figures (work the router did not
 route, or did not see finish), and a worker reporting itself idle drops tracked requests
@@ -17,7 +21,7 @@ Not thread-safe: one view, one thread (the router's event loop).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -72,14 +76,18 @@ def is_busy(
 
 
 class _Entry:
-    __slots__ = ("worker_id", "prefill_tokens", "blocks", "waiting", "prefill_only", "t")
+    __slots__ = ("worker_id", "prefill_tokens", "private", "hashes", "waiting", "prefill_only",
+                 "t")
 
     def __init__(
-        self, worker_id: str, prefill_tokens: int, blocks: int, prefill_only: bool, t: float
+        self, worker_id: str, prefill_tokens: int, private: int, hashes: tuple[int, ...],
+        prefill_only: bool, t: float,
     ) -> None:
         self.worker_id = worker_id
         self.prefill_tokens = prefill_tokens
-        self.blocks = blocks
+        #: Blocks only this request holds; `hashes`: its full blocks, shared by hash.
+        self.private = private
+        self.hashes = hashes
         self.waiting = True
         self.prefill_only = prefill_only
         self.t = t
@@ -87,13 +95,16 @@ class _Entry:
 
 class _WorkerLoad:
     __slots__ = (
-        "prefill_tokens", "blocks", "waiting", "entries", "total_blocks",
+        "prefill_tokens", "blocks", "shared", "waiting", "entries", "total_blocks",
         "reported_used", "reported_waiting", "stats_t",
     )
 
     def __init__(self, total_blocks: int | None) -> None:
         self.prefill_tokens = 0
+        #: Unique active blocks: the entries' private blocks plus len(shared).
         self.blocks = 0
+        #: Block hash -> entries holding it.
+        self.shared: dict[int, int] = {}
         self.waiting = 0
         self.entries: dict[str, _Entry] = {}
         self.total_blocks = total_blocks
@@ -162,19 +173,29 @@ class LoadTracker:
         prefill_tokens: int,
         blocks: int,
         prefill_only: bool = False,
+        block_hashes: Sequence[int] = (),
     ) -> None:
-        """A request was sent to `worker_id`: `prefill_tokens` to compute, `blocks` to hold.
-        `prefill_only` (a prefill-pool worker): the entry ends at the first token."""
+        """A request was sent to `worker_id`: `prefill_tokens` to compute, `blocks` to hold,
+        of which its full blocks' chained `block_hashes` (optional) are shared with other
+        requests there. `prefill_only` (a prefill-pool worker): the entry ends at the first
+        token."""
         wl = self._workers.get(worker_id)
         if wl is None:
             return
         if request_id in wl.entries:
             raise ValueError(f"request {request_id!r} is already routed to {worker_id!r}")
         now = self._clock()
-        entry = _Entry(worker_id, prefill_tokens, blocks, prefill_only, now)
+        hashes = tuple(block_hashes[:blocks])
+        entry = _Entry(worker_id, prefill_tokens, blocks - len(hashes), hashes, prefill_only, now)
         wl.entries[request_id] = entry
         wl.prefill_tokens += prefill_tokens
-        wl.blocks += blocks
+        wl.blocks += entry.private
+        shared = wl.shared
+        for h in hashes:
+            n = shared.get(h, 0)
+            if not n:
+                wl.blocks += 1
+            shared[h] = n + 1
         wl.waiting += 1
         self._requests.setdefault(request_id, []).append(entry)
         self._maybe_gc(now)
@@ -203,7 +224,15 @@ class LoadTracker:
         if wl.entries.pop(request_id, None) is not entry:
             return
         wl.prefill_tokens -= entry.prefill_tokens
-        wl.blocks -= entry.blocks
+        wl.blocks -= entry.private
+        shared = wl.shared
+        for h in entry.hashes:
+            n = shared[h] - 1
+            if n:
+                shared[h] = n
+            else:
+                del shared[h]
+                wl.blocks -= 1
         if entry.waiting:
             wl.waiting -= 1
         entries = self._requests.get(request_id)

@@ -1,8 +1,11 @@
 """The cost model and the choice among eligible workers: pure functions, no I/O, no state.
 
 kv mode, per worker:
-    prefill pool / aggregated:  cost = overlap_weight * prefill_blocks + active_blocks
+    prefill pool / aggregated:  cost = overlap_weight * prefill_blocks + active_blocks + new_blocks
         prefill_blocks = (prompt tokens not cached there + prefill tokens queued there) / block_size
+        new_blocks = full prompt blocks not cached there: the KV the request would add to
+        the worker's active blocks (as Dynamo's "potential active blocks"), so a worker
+        already running requests on the same prefix is not charged for it twice
     decode pool (remote prefill): cost = active_blocks + decode_overlap_weight * blocks_to_pull
 The lowest cost wins, ties go to the larger overlap, then to the worker whose prefix cache
 holds fewer blocks (so distinct prefixes spread over workers instead of evicting each
@@ -53,7 +56,7 @@ def kv_costs(
     w = config.overlap_weight / config.block_size
     bs = config.block_size
     return [
-        w * (num_tokens - o * bs + p) + a
+        w * (num_tokens - o * bs + p) + a + (num_blocks - o)
         for o, p, a in zip(overlaps, prefill_tokens, active_blocks)
     ]
 

@@ -207,6 +207,8 @@ class Router:
                 except NoWorkerAvailable:
                     pass  # prefill pool saturated: prefill on the decode worker
         if request_id is not None:
+            if block_hashes is None:
+                block_hashes = self.hash_tokens(token_ids)  # once for both commits
             self._commit(request_id, plan.decode, token_ids, block_hashes)
             if plan.prefill is not None:
                 self._commit(request_id, plan.prefill, token_ids, block_hashes)
@@ -263,21 +265,23 @@ class Router:
         num_tokens = len(token_ids)
         blocks = -(-num_tokens // bs)
         uncached = max(0, num_tokens - sel.overlap_blocks * bs)
+        # The full blocks' hashes: requests sharing a prefix share its blocks in the load view.
+        hashes = block_hashes if block_hashes is not None else self.hash_tokens(token_ids)
         if sel.role is Role.PREFILL:
             self.load.on_routed(
                 request_id, sel.worker_id, prefill_tokens=uncached, blocks=blocks,
-                prefill_only=True,
+                prefill_only=True, block_hashes=hashes,
             )
         else:
             self.load.on_routed(
                 request_id, sel.worker_id,
                 prefill_tokens=0 if sel.role is Role.DECODE else uncached, blocks=blocks,
+                block_hashes=hashes,
             )
             self._counters["requests"] += 1
             self._counters["prompt_blocks"] += sel.num_blocks
             self._counters["overlap_blocks"] += sel.overlap_blocks
         if self._num_approx and self.index.is_approximate(sel.worker_id):
-            hashes = block_hashes if block_hashes is not None else self.hash_tokens(token_ids)
             self.index.record_routed(sel.worker_id, hashes)
 
     # -- request progress ---------------------------------------------------------------------

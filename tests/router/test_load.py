@@ -127,3 +127,20 @@ def test_busy_rules_and_eligible():
     assert lt.eligible(["a", "b"], 1.0, None) == (["a", "b"], [7, 0], [96, 0])
     assert lt.eligible(["a", "b"], 1.0, 1) == (["b"], [0], [0])
     assert lt.eligible(["a", "b"], 1.0, None, exclude={"b"}) == (["a"], [7], [96])
+
+
+def test_requests_sharing_a_prefix_count_its_blocks_once():
+    lt, _ = make()
+    prefix = [11, 12, 13, 14]
+    lt.on_routed("r1", "a", prefill_tokens=80, blocks=5, block_hashes=prefix + [21])
+    lt.on_routed("r2", "a", prefill_tokens=8, blocks=6, block_hashes=prefix + [31])
+    # 4 shared + 1 + 1 distinct full blocks, and r2's partial tail block.
+    assert lt.view("a").active_blocks == 4 + 1 + 1 + 1
+    lt.on_routed("r3", "b", prefill_tokens=80, blocks=5, block_hashes=prefix + [21])
+    assert lt.view("b").active_blocks == 5                    # per worker
+    lt.on_finished("r1")
+    assert lt.view("a").active_blocks == 4 + 1 + 1            # r2 still holds the prefix
+    lt.on_finished("r2")
+    lt.on_finished("r3")
+    assert lt.view("a").active_blocks == lt.view("b").active_blocks == 0
+    assert lt.num_requests() == 0

@@ -25,8 +25,9 @@ def cfg(**kw):
 def test_kv_cost_formula():
     c = cfg(overlap_weight=2.0, decode_overlap_weight=0.5)
     # 100 tokens, 6 full blocks; worker holds 2 blocks, 48 prefill tokens queued, 10 active.
-    assert kv_costs(Role.PREFILL, 100, 6, [2], [48], [10], c) == [2.0 * (100 - 32 + 48) / 16 + 10]
-    assert kv_costs(Role.AGGREGATED, 100, 6, [2], [48], [10], c) == [2.0 * (100 - 32 + 48) / 16 + 10]
+    # New blocks: the 4 full blocks not cached there join its active blocks.
+    assert kv_costs(Role.PREFILL, 100, 6, [2], [48], [10], c) == [2.0 * (100 - 32 + 48) / 16 + 10 + 4]
+    assert kv_costs(Role.AGGREGATED, 100, 6, [2], [48], [10], c) == [2.0 * (100 - 32 + 48) / 16 + 10 + 4]
     assert kv_costs(Role.DECODE, 100, 6, [2], [48], [10], c) == [10 + 0.5 * (6 - 2)]
     assert load_costs([32], [10], c) == [12.0]
 
@@ -35,7 +36,7 @@ def test_prefill_pool_overlap_dominates():
     # 4k prompt: worker 0 holds 200 of 256 blocks but runs 40 active blocks; worker 1 idle.
     i, cost = choose(Role.PREFILL, [200, 0], [0, 0], [40, 0], 4096, 256, cfg(),
                      random.Random(0), 0)
-    assert i == 0 and cost == pytest.approx(56 + 40)
+    assert i == 0 and cost == pytest.approx(56 + 40 + 56)
 
 
 def test_decode_pool_load_dominates_overlap_breaks_ties():
@@ -106,3 +107,12 @@ def test_ties_go_to_the_worker_caching_less():
         assert choose(Role.AGGREGATED, [0, 0, 0], [0, 0, 0], [0, 0, 0], 64, 4, cfg(),
                       random.Random(0), t, [30, 10, 20])[0] == 1
     assert argmin_rotating([1.0, 1.0, 1.0], [0, 0, 0], 1, [5, 5, 9]) == 1
+
+
+def test_prefix_holder_keeps_its_prefix_while_running_requests_on_it():
+    # 1,040-token prompt (65 blocks), 64 of them cached on worker 0, which already runs
+    # requests on that prefix (66 active blocks); worker 1 is idle and caches nothing.
+    # Worker 0: 1 block to compute + 66 active + 1 new; worker 1: 65 + 0 + 65.
+    i, cost = choose(Role.AGGREGATED, [64, 0], [0, 0], [66, 0], 1040, 65, cfg(),
+                     random.Random(0), 0)
+    assert i == 0 and cost == pytest.approx(68)
