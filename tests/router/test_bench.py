@@ -1,4 +1,5 @@
-"""`splitserve bench router`: the micro part runs (tiny sizes) and reports its keys."""
+"""`splitserve bench router`: the micro part runs (tiny sizes) and reports its keys; the live
+part's workload, summary and report keys (its servers replaced by a stub)."""
 
 import json
 
@@ -9,7 +10,7 @@ def test_bench_router_micro_writes_report(tmp_path, capsys):
     out = tmp_path / "r.json"
     args = build_parser().parse_args([
         "bench", "router", "--json", str(out), "--quick", "--workers", "4", "--blocks", "3000",
-        "--prompt-tokens", "256", "--queries", "40",
+        "--prompt-tokens", "256", "--queries", "40", "--micro-only",
     ])
     assert args.func(args) == 0
     report = json.loads(out.read_text())
@@ -21,3 +22,55 @@ def test_bench_router_micro_writes_report(tmp_path, capsys):
     assert micro["mean_overlap_blocks"] > 0                 # queries really match the index
     assert set(report["targets"]) == {"route_p99_ms", "ingest_blocks_per_s"}
     assert "skipped" in report["live"]
+
+
+def test_live_workload_is_shared_prefix_poisson_and_reproducible():
+    from splitserve.bench.router_live import LiveConfig, make_workload
+
+    cfg = LiveConfig(num_prefixes=3, prefix_tokens=64, num_requests=200, rate=2.0,
+                     user_tokens=(4, 8), max_model_len=128)
+    work = make_workload(cfg)
+    assert work == make_workload(cfg)
+    assert {it.prefix for it in work} == {0, 1, 2}
+    heads = {it.prefix: it.prompt[:64] for it in work}
+    assert all(it.prompt[:64] == heads[it.prefix] and 68 <= len(it.prompt) <= 72 for it in work)
+    gaps = [b.at - a.at for a, b in zip(work, work[1:])]
+    assert 0.35 < sum(gaps) / len(gaps) < 0.65            # mean 1 / rate
+
+
+def test_live_report_keys(monkeypatch, tmp_path):
+    from splitserve.bench import router_live
+
+    class StubServer:
+        def __init__(self, cfg, mode):
+            self.mode = mode
+
+        def start(self):
+            return f"http://stub/{self.mode}"
+
+        def stop(self):
+            pass
+
+    ttft = {"kv": 0.1, "round-robin": 0.4, "random": 0.3}
+
+    async def drive(cfg, base, work, progress):
+        mode = base.rsplit("/", 1)[1]
+        res = [router_live.Result(it.prefix, len(it.prompt), ok=True, ttft=ttft[mode], e2e=1.0,
+                                  cached_tokens=len(it.prompt) // 2) for it in work]
+        text = f'splitserve_router_prefix_hit_rate 0.5\nsplitserve_router_routed_requests_total{{worker="decode-0"}} {len(work)}.0\n'
+        return res, text, 2.0
+
+    monkeypatch.setattr(router_live, "Server", StubServer)
+    monkeypatch.setattr(router_live, "drive", drive)
+    out = tmp_path / "r.json"
+    args = build_parser().parse_args(["bench", "router", "--json", str(out), "--live-only",
+                                      "--live-requests", "5"])
+    assert args.func(args) == 0
+    report = json.loads(out.read_text())
+    assert report["ttft_p50_ms"] == {"kv": 100.0, "round_robin": 400.0, "random": 300.0}
+    assert set(report["ttft_p90_ms"]) == {"kv", "round_robin", "random"}
+    assert report["prefix_hit_rate"]["kv"] == 0.5
+    assert report["targets"]["ttft_p50_round_robin_over_kv"]["met"] is True
+    kv = report["live"]["modes"]["kv"]
+    assert kv["completed"] == 5 and kv["routed_per_worker"] == {"decode-0": 5.0}
+    assert "route_p99_ms" not in report                     # --live-only
