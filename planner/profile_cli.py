@@ -91,6 +91,7 @@ def measure_decode_cell(engine, batch: int, ctx: int, steps: int, rng) -> float:
 
 def run(args: argparse.Namespace) -> int:
     import datetime
+    import os
     import random
     import sys
 
@@ -132,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
             "device": engine.runner.device.type, "kv_capacity_tokens": capacity,
             "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "command": "splitserve " + " ".join(sys.argv[1:]),
+            # Other load on the machine while measuring (1/5/15-minute load averages).
+            "load_average": list(os.getloadavg()),
         },
         "prefill": {"isl": isls, "ttft_ms": ttft, "tok_s": ptok},
         "decode": {"batch": batches, "context": contexts, "itl_ms": itl, "tok_s": dtok},
