@@ -92,6 +92,20 @@ def private_discovery() -> tuple[str, object]:
     return embedded_url(name), deployment_dir(name).parent
 
 
+def _remove_dir(path, attempts: int = 20) -> None:
+    """Remove the private discovery directory; retried, since a child's last heartbeat
+    write can race with the removal ("directory not empty")."""
+    import shutil
+    import time
+    from pathlib import Path
+
+    for _ in range(attempts):
+        shutil.rmtree(path, ignore_errors=True)
+        if not Path(path).exists():
+            return
+        time.sleep(0.1)
+
+
 def wait_healthy(url: str, num_decode: int, timeout: float, stop, group,
                  num_prefill: int = 0) -> None:
     """Poll the frontend's /health until every worker counts; ChildFailed if a child dies."""
@@ -211,8 +225,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         group.stop_all()
         if cleanup_dir is not None:
-            import shutil
-
-            shutil.rmtree(cleanup_dir, ignore_errors=True)
+            _remove_dir(cleanup_dir)
         for s, handler in previous.items():
             signal.signal(s, handler)
