@@ -26,7 +26,9 @@ and TPOT <= --slo-itl-ms; a failed request meets neither. Per setup and rate: SL
 attainment (share of requests meeting both; also each SLO alone, to show which latency
 breaks), goodput (requests meeting both / run duration, from the first arrival to the
 last completion), TTFT and TPOT p50/p90 over requests, and, to see stalls that a mean
-hides, each request's p90 and largest token gap (p50/p90/max over requests). A setup's `goodput_rps` is the best over the
+hides, each request's p90 and largest token gap (p50/p90/max over requests); the
+requests themselves; and `itl_slo_sensitivity`, the same requests re-scored at ITL SLOs of
+1.5-4 x solo TPOT (the headline figures stay those at the chosen SLO). A setup's `goodput_rps` is the best over the
 rates; `goodput_ratio` = disaggregated / aggregated.
 
 Rates and SLOs default to multiples of the solo figures of the first point (aggregated),
@@ -71,6 +73,8 @@ QUICK_RATE_MULTIPLIERS = (0.5, 1.0)
 ITL_METRIC = "TPOT: per request (e2e - ttft) / (output_tokens - 1)"
 GOODPUT_BASIS = "best over rates of goodput_rps (requests meeting both SLOs / run duration)"
 TARGET_GOODPUT_RATIO = 1.5
+#: ITL SLO scales (x solo TPOT) the report re-scores its requests at.
+ITL_SLO_SENSITIVITY = (1.5, 2.0, 2.5, 3.0, 4.0)
 
 
 @dataclass(frozen=True)
@@ -224,6 +228,29 @@ def summarize_setup(points: list[dict[str, Any]], attainment_target: float) -> d
 def goodput_ratio(disaggregated: float, aggregated: float) -> float | None:
     """disaggregated / aggregated goodput; None when the aggregated one is 0 (undefined)."""
     return disaggregated / aggregated if aggregated > 0 else None
+
+
+def itl_slo_sensitivity(report: dict[str, Any], scales=ITL_SLO_SENSITIVITY) -> list[dict[str, Any]]:
+    """The same requests re-scored at other ITL SLOs (scale x the calibration's solo TPOT,
+    TTFT SLO unchanged): each setup's best goodput and the ratio. Shows how far the headline
+    ratio depends on where the ITL SLO falls between the two setups' TPOTs."""
+    slo_ttft, tpot = report["slo"]["ttft_ms"], report["calibration"]["tpot_ms"]
+    out = []
+    for scale in scales:
+        itl = scale * tpot
+        best = {}
+        for name in SETUPS:
+            rates = []
+            for p in report[name]["rates"]:
+                good = sum(1 for r in p["requests"] if r["ok"] and r["ttft_ms"] <= slo_ttft
+                           and (r["tpot_ms"] is None or r["tpot_ms"] <= itl))
+                rates.append(good / p["duration_s"] if p["duration_s"] > 0 else 0.0)
+            best[name] = max(rates, default=0.0)
+        out.append({"itl_scale": scale, "itl_ms": round(itl, 1),
+                    "aggregated_goodput_rps": best["aggregated"],
+                    "disaggregated_goodput_rps": best["disaggregated"],
+                    "goodput_ratio": goodput_ratio(best["disaggregated"], best["aggregated"])})
+    return out
 
 
 def decisions_from_metrics(text: str) -> dict[str, float]:
@@ -490,6 +517,7 @@ def run_bench(cfg: DisaggBenchConfig) -> dict[str, Any]:
     })
     if ratio is None:
         report["goodput_ratio_note"] = "aggregated goodput is 0 at every rate: ratio undefined"
+    report["itl_slo_sensitivity"] = itl_slo_sensitivity(report)
     return report
 
 
