@@ -20,7 +20,7 @@ pytestmark = pytest.mark.live
 API_KEY = "test-key"
 MODEL = "smollm2-135m"
 MAX_LEN = 1024
-ENGINE_FLAGS = ["--dtype", "bfloat16", "--num-threads", "1", "--kv-cache-memory", "64MiB",
+ENGINE_FLAGS = ["--dtype", "float32", "--num-threads", "1", "--kv-cache-memory", "64MiB",
                 "--max-model-len", str(MAX_LEN)]
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
@@ -87,7 +87,7 @@ def engine_greedy(prompt_ids: list[int], max_tokens: int) -> list[int]:
     from splitserve.engine.sampling_params import SamplingParams
 
     async def run():
-        eng = AsyncEngine(EngineConfig(model=MODEL, dtype="bfloat16", num_threads=1,
+        eng = AsyncEngine(EngineConfig(model=MODEL, dtype="float32", num_threads=1,
                                        kv_cache_memory=parse_memory_size("64MiB"),
                                        max_model_len=MAX_LEN, progress=False))
         await eng.start()
