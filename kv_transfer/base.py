@@ -130,6 +130,18 @@ def block_index_array(block_ids: Sequence[int] | np.ndarray, num_blocks: int, wh
     return arr.astype(np.int32)
 
 
+def pull_indices(peer: str, remote_layout: PoolLayout, local_layout: PoolLayout,
+                 remote_block_ids: Sequence[int], local_block_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Checked (remote, local) block index arrays of one pull (KvTransferError if bad)."""
+    remote_idx = block_index_array(remote_block_ids, remote_layout.num_blocks, "remote")
+    local_idx = block_index_array(local_block_ids, local_layout.num_blocks, "local")
+    if remote_idx.size != local_idx.size:
+        raise KvTransferError(
+            f"{remote_idx.size} remote block ids but {local_idx.size} local block ids", peer=peer
+        )
+    return remote_idx, local_idx
+
+
 @runtime_checkable
 class KvTransport(Protocol):
     """Moves whole blocks of one registered pool between workers (see the package docstring)."""

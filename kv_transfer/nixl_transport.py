@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from .base import Notification, PoolLayout, block_index_array, pack_metadata, unpack_metadata
+from .base import Notification, PoolLayout, pack_metadata, pull_indices, unpack_metadata
 from .config import KvTransferConfig
 from .errors import KvTransferError, KvTransferTimeout, KvTransportUnavailable
 
@@ -223,12 +223,8 @@ class NixlTransport:
         p = self._peers.get(peer)
         if p is None:
             raise KvTransferError(f"unknown KV peer {peer!r}; add_peer() its metadata first", peer=peer)
-        remote_idx = block_index_array(remote_block_ids, p.layout.num_blocks, "remote")
-        local_idx = block_index_array(local_block_ids, self.layout.num_blocks, "local")
-        if remote_idx.size != local_idx.size:
-            raise KvTransferError(
-                f"{remote_idx.size} remote block ids but {local_idx.size} local block ids", peer=peer
-            )
+        remote_idx, local_idx = pull_indices(peer, p.layout, self.layout, remote_block_ids,
+                                             local_block_ids)
         timeout = self.config.timeout_s if timeout_s is None else float(timeout_s)
         cancel = threading.Event()
         fut = asyncio.get_running_loop().run_in_executor(
