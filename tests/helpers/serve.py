@@ -39,6 +39,23 @@ def start_serve(*flags: str, log_level: str = "WARNING", timeout: float = 300.0)
     pytest.fail("splitserve serve did not print its URL")
 
 
+def health(url: str) -> tuple[int, dict]:
+    """(status, body) of GET url/health, straight to loopback (no proxy); (0, {}) when
+    nothing answers."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url + "/health", timeout=2) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+    except OSError:
+        return 0, {}
+
+
 def stop_serve(proc, timeout: float = 60.0) -> int:
     proc.terminate()
     try:

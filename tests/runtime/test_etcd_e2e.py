@@ -4,43 +4,22 @@ serve the `openai` client; SIGTERM on the worker deregisters it at once (the fro
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 
 import openai
 import pytest
 
 from splitserve.runtime.process import ChildProcess, splitserve_argv
+from tests.helpers.serve import health, skip_without_model
 
 pytestmark = pytest.mark.live
 
 ENGINE = ["--dtype", "bfloat16", "--num-threads", "1", "--kv-cache-memory", "256MiB",
           "--max-model-len", "512"]
 READY_TIMEOUT_S = 60.0
-
-
-def _skip_without_model() -> None:
-    try:
-        from splitserve.engine.model_loader import default_model_path
-
-        default_model_path()
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"default model not installed: {exc}")
-
-
-def health(url: str) -> tuple[int, dict]:
-    """(status, body) of GET url/health, straight to loopback (no proxy)."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url + "/health", timeout=2) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.05) -> float:
@@ -75,14 +54,14 @@ def children():
 def start_pair(etcd_server, children):
     """A decode worker and a frontend, separate processes meeting in a fresh etcd namespace;
     returns (worker, frontend base URL, openai client) once /health counts the worker."""
-    _skip_without_model()
+    skip_without_model()
     url = f"{etcd_server.url}/e2e-{uuid.uuid4().hex[:10]}"
     worker = children("worker", "worker", "--role", "decode", "--port", "0",
                       "--worker-id", "decode-e2e", "--discovery", url, *ENGINE)
     frontend = children("frontend", "frontend", "--port", "0", "--discovery", url)
     worker.wait_ready(READY_TIMEOUT_S)
     base = frontend.wait_ready(READY_TIMEOUT_S)["url"]
-    wait_for(lambda: health(base)[1]["workers"].get("decode", 0) == 1, 20,
+    wait_for(lambda: health(base)[1].get("workers", {}).get("decode", 0) == 1, 20,
              "frontend /health counts the decode worker")
     status, body = health(base)
     assert status == 200 and body["status"] == "ok", body
@@ -92,7 +71,7 @@ def start_pair(etcd_server, children):
 
 def wait_deregistered(base: str) -> None:
     """The frontend drops the worker within a few seconds of its SIGTERM (not its TTL)."""
-    wait_for(lambda: health(base)[1]["workers"].get("decode", 0) == 0, 5,
+    wait_for(lambda: health(base)[1].get("workers", {}).get("decode", 0) == 0, 5,
              "frontend /health drops the deregistered worker")
     status, body = health(base)
     assert status == 503 and body["status"] == "unavailable", body

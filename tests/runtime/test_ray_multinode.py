@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.serve import health, skip_without_model
 from splitserve.runtime.ray.actors import NODE_IP
 from splitserve.runtime.ray.placement import (
     actor_resources,
@@ -283,24 +284,6 @@ def ray_cluster():
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _skip_without_model() -> None:
-    try:
-        from splitserve.engine.model_loader import default_model_path
-
-        default_model_path()
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"default model not installed: {exc}")
-
-
-def health(url: str) -> tuple[int, dict]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url + "/health", timeout=2) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
-    except OSError:
-        return 0, {}
 
 
 def prefill_counts(url: str) -> tuple[float, float, float]:
@@ -321,7 +304,7 @@ def prefill_counts(url: str) -> tuple[float, float, float]:
 @pytest.mark.live
 @pytest.mark.slow
 def test_serve_on_two_ray_nodes(ray_cluster, etcd_server, tmp_path):
-    _skip_without_model()
+    skip_without_model()
     import openai
 
     (head, node2), env = ray_cluster
