@@ -74,10 +74,17 @@ def create_app(
         worker_pool.on_stats.append(metrics.observe_pool)
         worker_pool.on_remove.append(metrics.forget_worker)
         routing = None
-        if config.router is not None:
+        if config.router_address is not None:
+            from splitserve.router.remote import RemoteRouting
+
+            routing = RemoteRouting(config.router_address, worker_pool,
+                                    stats_interval_s=config.stats_interval_s,
+                                    retry_after_s=config.retry_after_s)
+        elif config.router is not None:
             from splitserve.frontend.routing import KvRouting
 
             routing = KvRouting(config.router, worker_pool)
+        if routing is not None:
             await routing.start()  # before discovery: it follows every worker that joins
             metrics.attach_router(routing.metrics)
             app.state.routing = routing

@@ -18,6 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a worker to send requests to (repeatable), e.g. decode=127.0.0.1:50051")
     p.add_argument("--discovery", default=None, metavar="URL",
                    help="also take workers from discovery: embedded://NAME or etcd://HOST:PORT/NS")
+    p.add_argument("--router-address", default=None, metavar="HOST:PORT",
+                   help="route through a standalone `splitserve router` (shared by several "
+                        "frontends) instead of the in-process router; unreachable: 503")
     p.set_defaults(func=run)
 
 
@@ -72,6 +75,7 @@ def config_from_args(args: argparse.Namespace):
         api_key=args.api_key,
         stats_interval_s=args.stats_interval,
         discovery_url=getattr(args, "discovery", None),
+        router_address=getattr(args, "router_address", None),
         disagg=DisaggConfig(max_local_prefill_tokens=args.max_local_prefill_tokens,
                             max_prefill_queue=args.max_prefill_queue),
         router=router_config_from_args(

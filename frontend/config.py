@@ -40,6 +40,10 @@ class FrontendConfig:
     #: KV events); None: the pool's least-loaded choice. The CLI always sets one (mode kv
     #: unless --router-mode says otherwise).
     router: RouterConfig | None = None
+    #: HOST:PORT of a standalone router (`splitserve router`) to route through instead of
+    #: an in-process one (router.remote); several frontends then share its index and load
+    #: view. Unreachable: requests fail with 503 `router_unavailable`.
+    router_address: str | None = None
 
     def __post_init__(self) -> None:
         if not (0 <= self.port < 65536):
@@ -54,4 +58,6 @@ class FrontendConfig:
             raise ValueError("max_choices must be >= 1")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be non-empty when set")
+        if self.router_address is not None and ":" not in self.router_address:
+            raise ValueError(f"router_address must be HOST:PORT, got {self.router_address!r}")
         object.__setattr__(self, "served_model_names", tuple(self.served_model_names))

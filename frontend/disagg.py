@@ -55,27 +55,28 @@ def prefill_queue(w: WorkerClient) -> int:
     return max(waiting, w.in_flight)
 
 
-def uncached_tokens(pool: WorkerPool, prompt: Sequence[int]) -> int:
+async def uncached_tokens(pool: WorkerPool, prompt: Sequence[int]) -> int:
     """Prompt tokens no decode worker holds (the router's index answers when it is wired;
     without it every token counts as uncached)."""
-    estimate = getattr(pool, "uncached_tokens", None)
-    return len(prompt) if estimate is None else int(estimate(prompt))
+    estimate = getattr(pool, "uncached_tokens_async", None)
+    return len(prompt) if estimate is None else int(await estimate(prompt))
 
 
-def choose_prefill(pool: WorkerPool, prompt: Sequence[int], config: DisaggConfig,
-                   request_id: str | None = None) -> WorkerClient | None:
+async def choose_prefill(pool: WorkerPool, prompt: Sequence[int], config: DisaggConfig,
+                         request_id: str | None = None) -> WorkerClient | None:
     """The prefill worker for this prompt, or None to prefill on the decode worker (also
     when the pool's selector finds every prefill worker busy)."""
     workers = pool.workers("prefill", healthy_only=True)
     if not workers:
         return None
-    if config.max_local_prefill_tokens and uncached_tokens(pool, prompt) <= config.max_local_prefill_tokens:
+    if (config.max_local_prefill_tokens
+            and await uncached_tokens(pool, prompt) <= config.max_local_prefill_tokens):
         return None
     full = [w.worker_id for w in workers if prefill_queue(w) >= config.max_prefill_queue]
     if len(full) == len(workers):
         return None
     try:
-        return pool.pick("prefill", prompt, exclude=full, request_id=request_id)
+        return await pool.pick_async("prefill", prompt, exclude=full, request_id=request_id)
     except NoWorkerAvailable:
         return None
 
@@ -89,7 +90,7 @@ async def remote_prefill(pool: WorkerPool, request: Any, config: DisaggConfig,
     from splitserve.frontend.generation import WorkerRequestError
     from splitserve.runtime.grpc_util import param_from_error
 
-    worker = choose_prefill(pool, request.prompt_token_ids, config, request.request_id)
+    worker = await choose_prefill(pool, request.prompt_token_ids, config, request.request_id)
     if metrics is not None:
         metrics.prefill_decisions.labels(kind="local" if worker is None else "remote").inc()
     if worker is None:

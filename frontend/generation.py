@@ -90,9 +90,10 @@ async def _worker_stream(
 
     tried: list[str] = []
     while True:
-        worker = pool.pick("decode", request.prompt_token_ids, exclude=tried,
-                           retry_after_s=retry_after_s, request_id=request.request_id,
-                           remote_kv=request.HasField("kv_handle"))
+        worker = await pool.pick_async("decode", request.prompt_token_ids, exclude=tried,
+                                       retry_after_s=retry_after_s,
+                                       request_id=request.request_id,
+                                       remote_kv=request.HasField("kv_handle"))
         tried.append(worker.worker_id)
         worker.in_flight += 1
         call = worker.generate(request)

@@ -20,7 +20,10 @@ from the request's lifecycle (frontend/generation.py, frontend/disagg.py).
 worker would have to compute. The router finding every worker above its KV-usage or queue
 limit is a 503 with Retry-After (frontend.errors.NoWorkerAvailable); candidates it does not
 know yet (subscription still starting) are used only when it knows none of them (then the
-pool's least-loaded choice applies, and nothing is booked).
+pool's least-loaded choice applies, and nothing is booked). `select` is `__call__` that also
+returns the router's Selection (the standalone router, router/grpc_service.py, answers with
+it). With `--router-address` the frontend routes through a standalone `splitserve router`
+instead (router/remote.py), which runs this same class.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Any
 from splitserve.frontend.errors import NoWorkerAvailable
 from splitserve.frontend.worker_pool import WorkerClient, WorkerPool, least_loaded
 from splitserve.router import NoWorkerAvailable as RouterBusy
-from splitserve.router import Role, Router, RouterConfig
+from splitserve.router import Role, Router, RouterConfig, Selection
 from splitserve.router.config import MODES
 from splitserve.router.errors import BlockSizeMismatch, KvEventsUnsupported
 from splitserve.router.service import KvEventSubscriber
@@ -106,6 +109,14 @@ def router_argv(args: argparse.Namespace, block_size: int) -> list[str]:
     return out
 
 
+def spawn_tracked(tasks: set[asyncio.Task], coro: Any, name: str) -> asyncio.Task:
+    """A task on the running loop, kept in `tasks` until it is done (to cancel at stop)."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    return task
+
+
 # -- following workers --------------------------------------------------------------------
 @dataclass
 class _Followed:
@@ -171,10 +182,7 @@ class KvRouting:
         self._started = False
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return spawn_tracked(self._tasks, coro, name)
 
     def _on_add(self, client: WorkerClient) -> None:
         if client.worker_id in self._followed:
@@ -258,6 +266,13 @@ class KvRouting:
             return sub.worker_id
         return None
 
+    def worker_state(self, client: WorkerClient) -> str:
+        """"events" (following its KV events) | "approximate" | "connecting"."""
+        entry = self._followed.get(client.worker_id)
+        if entry is not None and entry.client is client and entry.approx_id is not None:
+            return "approximate"
+        return "events" if self.router_id(client) is not None else "connecting"
+
     # -- the selector ---------------------------------------------------------------------------
     def __call__(
         self,
@@ -267,6 +282,19 @@ class KvRouting:
         request_id: str | None = None,
         remote_kv: bool = False,
     ) -> WorkerClient:
+        return self.select(candidates, prompt_token_ids, request_id=request_id,
+                           remote_kv=remote_kv)[0]
+
+    def select(
+        self,
+        candidates: Sequence[WorkerClient],
+        prompt_token_ids: Sequence[int] | None,
+        *,
+        request_id: str | None = None,
+        remote_kv: bool = False,
+    ) -> tuple[WorkerClient, Selection | None]:
+        """The chosen candidate and the router's Selection (None: the router knew none of
+        the candidates, the pool's least-loaded choice, nothing booked)."""
         known: dict[str, WorkerClient] = {}
         for c in candidates:
             rid = self.router_id(c)
@@ -274,7 +302,7 @@ class KvRouting:
                 known[rid] = c
         if not known:
             self.fallback_picks += 1
-            return least_loaded(candidates, prompt_token_ids)
+            return least_loaded(candidates, prompt_token_ids), None
         pool_name = "prefill" if candidates[0].role == "prefill" else "decode"
         if pool_name == "prefill":
             role = Role.PREFILL
@@ -295,7 +323,7 @@ class KvRouting:
             self.routed[client.worker_id] = self.routed.get(client.worker_id, 0) + 1
             self.routed_overlap_blocks[client.worker_id] = (
                 self.routed_overlap_blocks.get(client.worker_id, 0) + sel.overlap_blocks)
-        return client
+        return client, sel
 
     def on_first_token(self, request_id: str) -> None:
         self.router.on_first_token(request_id)
@@ -319,12 +347,8 @@ class KvRouting:
         m["mode"] = self.config.mode
         m["fallback_picks"] = self.fallback_picks
         m["resyncs"] = sum(e.sub.resyncs for e in self._followed.values() if e.sub is not None)
-        workers = []
-        for wid, e in self._followed.items():
-            kind = ("approximate" if e.approx_id is not None
-                    else "events" if self.router_id(e.client) is not None else "connecting")
-            workers.append((wid, e.client.role, kind))
-        m["workers"] = workers
+        m["workers"] = [(wid, e.client.role, self.worker_state(e.client))
+                        for wid, e in self._followed.items()]
         m["routed"] = dict(self.routed)
         m["routed_overlap_blocks"] = dict(self.routed_overlap_blocks)
         return m

@@ -193,6 +193,35 @@ class WorkerPool:
     ) -> WorkerClient:
         """One healthy worker of `role` (NoWorkerAvailable: 503). `request_id` and
         `remote_kv` go to a selector that takes request hints (the KV router)."""
+        candidates = self._candidates(role, exclude, retry_after_s)
+        if getattr(self.selector, "takes_request_hints", False):
+            return self.selector(candidates, prompt_token_ids, request_id=request_id,
+                                 remote_kv=remote_kv)
+        return self.selector(candidates, prompt_token_ids)
+
+    async def pick_async(
+        self,
+        role: str = "decode",
+        prompt_token_ids: Sequence[int] | None = None,
+        exclude: Sequence[str] = (),
+        retry_after_s: int = 1,
+        *,
+        request_id: str | None = None,
+        remote_kv: bool = False,
+    ) -> WorkerClient:
+        """`pick` for the request path: a selector with `select_async` (one that asks a
+        standalone router over gRPC, splitserve.router.remote) is awaited; any other is
+        called as `pick` calls it."""
+        select = getattr(self.selector, "select_async", None)
+        if select is None:
+            return self.pick(role, prompt_token_ids, exclude, retry_after_s,
+                             request_id=request_id, remote_kv=remote_kv)
+        candidates = self._candidates(role, exclude, retry_after_s)
+        return await select(candidates, prompt_token_ids, request_id=request_id,
+                            remote_kv=remote_kv)
+
+    def _candidates(self, role: str, exclude: Sequence[str], retry_after_s: int
+                    ) -> list[WorkerClient]:
         candidates = [
             w for w in self._workers.values()
             if w.role == role and w.healthy and w.worker_id not in exclude
@@ -201,11 +230,7 @@ class WorkerPool:
             raise NoWorkerAvailable(role, retry_after_s)
         # Rotate so ties spread over workers instead of always landing on the first.
         k = next(self._rr) % len(candidates)
-        candidates = candidates[k:] + candidates[:k]
-        if getattr(self.selector, "takes_request_hints", False):
-            return self.selector(candidates, prompt_token_ids, request_id=request_id,
-                                 remote_kv=remote_kv)
-        return self.selector(candidates, prompt_token_ids)
+        return candidates[k:] + candidates[:k]
 
     # -- request lifecycle (for a selector that tracks load, e.g. the KV router) ----------
     def request_first_token(self, request_id: str) -> None:
@@ -225,6 +250,13 @@ class WorkerPool:
         router's index answers; without one every token counts as uncached)."""
         estimate = getattr(self.selector, "uncached_tokens", None)
         return len(prompt_token_ids) if estimate is None else int(estimate(prompt_token_ids))
+
+    async def uncached_tokens_async(self, prompt_token_ids: Sequence[int]) -> int:
+        """`uncached_tokens`, awaiting a selector's `uncached_tokens_async` (a remote router)."""
+        estimate = getattr(self.selector, "uncached_tokens_async", None)
+        if estimate is None:
+            return self.uncached_tokens(prompt_token_ids)
+        return int(await estimate(prompt_token_ids))
 
     def mark_failed(self, worker_id: str, reason: str = "") -> None:
         """A call to the worker failed at the transport level: stop picking it until a poll succeeds."""
