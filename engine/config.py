@@ -75,6 +75,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     #: auto | torch | flashinfer.
     attention_backend: str = "auto"
+    #: auto (keep a GGUF file's Q4_1 weights 4-bit on CPU in bfloat16 and run them with
+    #: torch's int4 kernel) | none (dequantize every weight to dtype) | q4_1 (keep them 4-bit
+    #: in any CPU dtype).
+    quantization: str = "auto"
     #: torch intra-op threads for this engine; None leaves torch's default.
     num_threads: int | None = None
     #: Show a progress bar while loading weights.
@@ -105,6 +109,8 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend must be auto|torch|flashinfer, got {self.attention_backend!r}"
             )
+        if self.quantization not in ("auto", "none", "q4_1"):
+            raise ValueError(f"quantization must be auto|none|q4_1, got {self.quantization!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 

@@ -16,7 +16,7 @@ from .block_pool import BlockPool, KvEventSink
 from .config import EngineConfig, ModelConfig
 from .errors import EngineInputError
 from .kv_cache_manager import KVCacheManager
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, keep_q4_1
 from .outputs import EngineStats, RequestOutput
 from .request import Request, RequestStatus
 from .sampling_params import SamplingParams
@@ -41,7 +41,8 @@ class Engine:
 
             source = resolve_model(config.model)
             model_config = load_model_config(source)
-            state_dict = load_state_dict(source, torch.float32, progress=config.progress)
+            state_dict = load_state_dict(source, torch.float32, progress=config.progress,
+                                         keep_q4_1=keep_q4_1(config))
         self.model_config = model_config
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
         self.runner = ModelRunner(config, model_config, state_dict, self.max_model_len)

@@ -46,6 +46,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def keep_q4_1(config: EngineConfig) -> bool:
+    """Whether to load a GGUF file's Q4_1 matrices 4-bit (see EngineConfig.quantization)."""
+    from .quant import int4_kernel_available
+
+    if config.quantization == "none":
+        return False
+    device = resolve_device(config.device)
+    if device.type != "cpu" or not int4_kernel_available():
+        if config.quantization == "q4_1":
+            raise ValueError("quantization q4_1 runs on CPU only (torch's int4 CPU kernel)")
+        return False
+    return config.quantization == "q4_1" or resolve_dtype(config.dtype, device) == torch.bfloat16
+
+
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
     return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
@@ -70,9 +84,9 @@ class ModelRunner:
         )
         self.sampler = Sampler()
         logger.info(
-            "model runner: %s on %s, %d KV blocks of %d tokens (%.1f MiB), attention=%s",
-            self.dtype, self.device, self.num_blocks, self.block_size,
-            self.kv_cache.nbytes / 2**20, self.attn.name,
+            "model runner: %s on %s, %d KV blocks of %d tokens (%.1f MiB), attention=%s, "
+            "weights=%s", self.dtype, self.device, self.num_blocks, self.block_size,
+            self.kv_cache.nbytes / 2**20, self.attn.name, self.model.weight_format,
         )
 
     def _num_blocks(self) -> int:

@@ -28,6 +28,7 @@ from splitserve.engine.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from splitserve.engine.errors import ModelSpecError
 from splitserve.engine.model_loader.gguf_header import GgufHeader, read_gguf_header
 from splitserve.engine.model_loader.names import check_complete, expected_shapes
+from splitserve.engine.quant import Q4_1Weight
 
 logger = logging.getLogger(__name__)
 
@@ -203,10 +204,15 @@ def config_from_gguf(header: GgufHeader) -> ModelConfig:
 
 
 def state_dict_from_gguf(
-    path: pathlib.Path, cfg: ModelConfig, dtype: torch.dtype, progress: bool
-) -> dict[str, torch.Tensor]:
-    """Dequantize tensor by tensor, rename to HF, undo the q/k permutation, cast to `dtype`."""
-    from gguf import GGUFReader
+    path: pathlib.Path, cfg: ModelConfig, dtype: torch.dtype, progress: bool,
+    keep_q4_1: bool = False,
+) -> dict[str, torch.Tensor | Q4_1Weight]:
+    """Dequantize tensor by tensor, rename to HF, undo the q/k permutation, cast to `dtype`.
+
+    With `keep_q4_1`, 2-D Q4_1 tensors stay 4-bit: they come back as `Q4_1Weight`s (already
+    un-permuted) for the int4 kernel (`engine/quant.py`); everything else is dequantized.
+    """
+    from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import dequantize
 
     reader = GGUFReader(str(path))
@@ -220,17 +226,25 @@ def state_dict_from_gguf(
                 logger.warning("%s: ignoring unexpected tensor %s", path, tensor.name)
             continue
         # numpy shape of the values is ggml's shape reversed: (rows, cols) as HF has it
-        values = dequantize(tensor.data, tensor.tensor_type)
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        if keep_q4_1 and tensor.tensor_type == GGMLQuantizationType.Q4_1 and len(shape) == 2:
+            q4 = Q4_1Weight.from_gguf_blocks(tensor.data, *shape)
+            out[name] = q4.map_rows(lambda t: _unpermute_if(permuted, name, t, cfg))
+            continue
+        values = dequantize(tensor.data, tensor.tensor_type)
         w = torch.from_numpy(np.array(values, dtype=np.float32, copy=True)).reshape(shape)
-        if permuted and ".self_attn.q_proj." in name:
-            w = unpermute_qk(w, cfg.num_heads)
-        elif permuted and ".self_attn.k_proj." in name:
-            w = unpermute_qk(w, cfg.num_kv_heads)
-        out[name] = w.to(dtype).contiguous()
+        out[name] = _unpermute_if(permuted, name, w, cfg).to(dtype).contiguous()
         del values
     check_complete(str(path), cfg, out, expected)
     return {name: out[name] for name in expected}
+
+
+def _unpermute_if(permuted: bool, name: str, w: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    if permuted and ".self_attn.q_proj." in name:
+        return unpermute_qk(w, cfg.num_heads)
+    if permuted and ".self_attn.k_proj." in name:
+        return unpermute_qk(w, cfg.num_kv_heads)
+    return w
 
 
 def load_gguf_config(path: pathlib.Path) -> ModelConfig:

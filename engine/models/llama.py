@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..attention.base import AttentionBackend, AttentionMetadata
 from ..config import ModelConfig
+from ..quant import Int4Linear, Q4_1Weight
 from .rope import RotaryEmbedding
 
 
@@ -64,15 +65,32 @@ class LlamaForCausalLM:
         self.embed: torch.Tensor | None = None
         self.norm: torch.Tensor | None = None
         self.lm_head: torch.Tensor | None = None
+        #: "dense" (every weight in dtype) or "q4_1" (projections 4-bit, engine/quant.py).
+        self.weight_format = "dense"
 
     def load_weights(self, sd: dict[str, torch.Tensor]) -> None:
         """Take HF-named tensors; fuses and casts them. Raises KeyError naming a missing one."""
         cfg = self.cfg
 
-        def take(name: str) -> torch.Tensor:
+        def raw(name: str) -> torch.Tensor | Q4_1Weight:
             if name not in sd:
                 raise KeyError(f"missing weight {name!r} in the checkpoint")
-            return sd[name].to(device=self.device, dtype=self.dtype).contiguous()
+            return sd[name]
+
+        def take(name: str) -> torch.Tensor:
+            w = raw(name)
+            if isinstance(w, Q4_1Weight):
+                w = w.dequantize()
+            return w.to(device=self.device, dtype=self.dtype).contiguous()
+
+        def linear(names: list[str], bias: torch.Tensor | None = None):
+            """One (fused) projection from the row-stacked weights `names`."""
+            parts = [raw(n) for n in names]
+            dense = Linear(torch.cat([take(n) for n in names]).contiguous(), bias)
+            if all(isinstance(p, Q4_1Weight) for p in parts) and self.device.type == "cpu":
+                self.weight_format = "q4_1"
+                return Int4Linear(Q4_1Weight.cat(parts), bias, self.dtype, dense)
+            return dense
 
         self.embed = take("model.embed_tokens.weight")
         self.norm = take("model.norm.weight")
@@ -84,21 +102,19 @@ class LlamaForCausalLM:
             layer.input_norm = take(p + "input_layernorm.weight")
             layer.post_norm = take(p + "post_attention_layernorm.weight")
             a = p + "self_attn."
-            qkv_w = torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"),
-                               take(a + "v_proj.weight")]).contiguous()
             qkv_b = (
                 torch.cat([take(a + "q_proj.bias"), take(a + "k_proj.bias"),
                            take(a + "v_proj.bias")]).contiguous()
                 if cfg.attention_bias else None
             )
-            layer.qkv = Linear(qkv_w, qkv_b)
-            layer.o = Linear(take(a + "o_proj.weight"))
+            layer.qkv = linear([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
+                               qkv_b)
+            layer.o = linear([a + "o_proj.weight"])
             layer.q_norm = take(a + "q_norm.weight") if cfg.qk_norm else None
             layer.k_norm = take(a + "k_norm.weight") if cfg.qk_norm else None
             m = p + "mlp."
-            layer.gate_up = Linear(torch.cat([take(m + "gate_proj.weight"),
-                                              take(m + "up_proj.weight")]).contiguous())
-            layer.down = Linear(take(m + "down_proj.weight"))
+            layer.gate_up = linear([m + "gate_proj.weight", m + "up_proj.weight"])
+            layer.down = linear([m + "down_proj.weight"])
             self.layers.append(layer)
 
     @torch.inference_mode()
