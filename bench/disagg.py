@@ -103,6 +103,9 @@ class DisaggBenchConfig:
     slo_itl_scale: float = 1.5
     #: Attainment a rate must reach to count in `max_rate_at_target_attainment`.
     attainment_target: float = 0.9
+    #: serve --pin-workers in both setups: each worker on its own core, so the prefill and
+    #: decode pools (or the two aggregated workers) never share one.
+    pin_workers: bool = True
     #: --max-prefill-queue of the disaggregated frontend; None: serve's default.
     max_prefill_queue: int | None = None
     #: Seeds the prompts and arrival times (the same in both setups).
@@ -395,6 +398,8 @@ def _load() -> list[float]:
 def serve_flags(name: str, cfg: DisaggBenchConfig) -> list[str]:
     flags = [*SETUPS[name], "--model", cfg.model, "--dtype", cfg.dtype,
              "--num-threads-per-worker", "1", "--port", "0"]
+    if cfg.pin_workers:
+        flags.append("--pin-workers")
     if name == "disaggregated":
         flags += ["--kv-transport", cfg.kv_transport]
         if cfg.max_prefill_queue is not None:
@@ -590,6 +595,8 @@ def register(subparsers) -> None:
     p.add_argument("--kv-transport", default="auto", choices=("auto", "nixl", "grpc"))
     p.add_argument("--max-prefill-queue", type=int, default=None,
                    help="disaggregated frontend's --max-prefill-queue (default: serve's)")
+    p.add_argument("--no-pin-workers", action="store_true",
+                   help="let the OS place the workers (default: serve --pin-workers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -608,6 +615,7 @@ def run(args: argparse.Namespace) -> int:
             num_requests=args.num_requests or (6 if args.quick else 20),
             slo_ttft_ms=args.slo_ttft_ms, slo_itl_ms=args.slo_itl_ms,
             max_prefill_queue=args.max_prefill_queue, seed=args.seed, quick=args.quick,
+            pin_workers=not args.no_pin_workers,
             progress=not args.no_progress)
     except ValueError as exc:
         print(f"splitserve bench disagg: {exc}", file=sys.stderr)

@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     p.add_argument("--min-prompt", type=int, default=None)
     p.add_argument("--max-prompt", type=int, default=None)
     p.add_argument("--output-len", type=int, default=None)
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "q4_1"],
+                   help="engine weights: auto keeps the GGUF's Q4_1 4-bit in bfloat16 on CPU")
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--skip-hf", action="store_true", help="engine figures only")
@@ -127,7 +129,9 @@ def run(args: argparse.Namespace) -> int:
         "quick": args.quick,
     }
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, num_threads=threads,
-                                 max_num_seqs=max(64, n), max_num_batched_tokens=2048))
+                                 max_num_seqs=max(64, n), max_num_batched_tokens=2048,
+                                 quantization=args.quantization))
+    settings["weights"] = engine.runner.model.weight_format
     settings["block_size"] = engine.config.block_size
     settings["kv_blocks"] = engine.pool.num_blocks
     eng = run_engine(engine, prompts, out_len)

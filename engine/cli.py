@@ -23,6 +23,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flashinfer"])
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "q4_1"],
+                   help="auto: keep a GGUF file's Q4_1 weights 4-bit on CPU in bfloat16 (int4 "
+                        "kernel for decode); none: dequantize every weight to --dtype")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads for this engine")
 
 
@@ -37,6 +40,7 @@ def engine_config_from_args(args: argparse.Namespace, **over):
         enable_chunked_prefill=not args.no_chunked_prefill,
         enable_prefix_caching=not args.no_prefix_caching,
         attention_backend=args.attention_backend, num_threads=args.num_threads,
+        quantization=args.quantization,
     )
     fields.update(over)
     return EngineConfig(**fields)

@@ -18,6 +18,7 @@ _VALUED = (
     ("--max-num-batched-tokens", "max_num_batched_tokens"),
     ("--max-num-seqs", "max_num_seqs"),
     ("--attention-backend", "attention_backend"),
+    ("--quantization", "quantization"),
     ("--num-threads", "num_threads"),
 )
 #: (flag, args attribute) of the boolean engine flags.

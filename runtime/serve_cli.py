@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-threads-per-worker", dest="num_threads", type=int, default=None,
                    help="torch threads of each worker (same as --num-threads)")
     add_frontend_args(p, model_flags=False)
+    p.add_argument("--pin-workers", action="store_true",
+                   help="pin each worker to its own cores (its thread count of them, in turn "
+                        "over the cores this process may use), so pools don't share cores")
     p.add_argument("--decode-workers", type=int, default=1, help="decode workers (default 1)")
     p.add_argument("--prefill-workers", type=int, default=0,
                    help="prefill workers (default 0: aggregated, decode workers prefill)")
@@ -53,16 +56,19 @@ def build_plan(args: argparse.Namespace, discovery_url: str) -> tuple[list[tuple
     kv_argv = ["--kv-transport", args.kv_transport, "--kv-pin-timeout", str(args.kv_pin_timeout),
                "--kv-pull-timeout", str(args.kv_pull_timeout)]
     workers = []
+    cores = worker_cores(args)
     for i in range(args.decode_workers):
         name = f"decode-{i}"
         workers.append((name, splitserve_argv(
             *log, "worker", "--role", "decode", "--host", "127.0.0.1", "--port", "0",
-            "--worker-id", name, "--discovery", discovery_url, *kv_argv, *engine_argv(args))))
+            "--worker-id", name, "--discovery", discovery_url, *kv_argv, *engine_argv(args),
+            *next(cores))))
     for i in range(getattr(args, "prefill_workers", 0)):
         name = f"prefill-{i}"
         workers.append((name, splitserve_argv(
             *log, "worker", "--role", "prefill", "--host", "127.0.0.1", "--port", "0",
-            "--worker-id", name, "--discovery", discovery_url, *kv_argv, *engine_argv(args))))
+            "--worker-id", name, "--discovery", discovery_url, *kv_argv, *engine_argv(args),
+            *next(cores))))
     frontend = splitserve_argv(*log, "frontend", "--host", args.host, "--port", str(args.port),
                                "--stats-interval", str(args.stats_interval), "--model", args.model,
                                "--discovery", discovery_url,
@@ -79,6 +85,19 @@ def build_plan(args: argparse.Namespace, discovery_url: str) -> tuple[list[tuple
     if args.api_key:
         frontend += ["--api-key", args.api_key]
     return workers, frontend
+
+
+def worker_cores(args: argparse.Namespace):
+    """Yields each worker's `--cpus` argv: with --pin-workers, consecutive runs of its thread
+    count (default 1) over the cores this process may use, wrapping around; else nothing."""
+    import itertools
+    import os
+
+    if not getattr(args, "pin_workers", False):
+        return itertools.repeat([])
+    per = getattr(args, "num_threads", None) or 1
+    ring = itertools.cycle(sorted(os.sched_getaffinity(0)))
+    return (["--cpus", ",".join(str(next(ring)) for _ in range(per))] for _ in itertools.count())
 
 
 def private_discovery() -> tuple[str, object]:

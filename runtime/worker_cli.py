@@ -24,9 +24,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="register with discovery: embedded://NAME or etcd://HOST:PORT/NS")
     p.add_argument("--advertise-host", default=None,
                    help="host others dial (default: --host, or the machine name if wildcard)")
+    p.add_argument("--cpus", default=None, metavar="LIST",
+                   help="pin this worker to these CPU cores, e.g. 0 or 0-3,8 (default: no pin)")
     add_kv_transfer_args(p)
     add_engine_args(p)
     p.set_defaults(func=run)
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """'0', '0-3,8' -> {0, 1, 2, 3, 8}; raises ValueError naming the bad part."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi if sep else lo)
+        except ValueError:
+            raise ValueError(f"--cpus: {part!r} is not a core number or range (e.g. 0-3,8)") from None
+        if first < 0 or last < first:
+            raise ValueError(f"--cpus: bad range {part!r}")
+        cpus.update(range(first, last + 1))
+    return cpus
+
+
+def pin_cpus(text: str | None) -> None:
+    """Restrict this process (and the threads torch starts later) to the cores in `text`."""
+    import os
+
+    if not text:
+        return
+    cpus = parse_cpu_list(text)
+    usable = os.sched_getaffinity(0)
+    if not cpus <= usable:
+        raise ValueError(f"--cpus: cores {sorted(cpus - usable)} are not available to this "
+                         f"process (available: {sorted(usable)})")
+    os.sched_setaffinity(0, cpus)
 
 
 def add_kv_transfer_args(p: argparse.ArgumentParser) -> None:
@@ -58,6 +90,7 @@ async def _main(args: argparse.Namespace) -> int:
 
     log = logging.getLogger("splitserve.worker")
     try:
+        pin_cpus(args.cpus)
         config = WorkerConfig(
             role=args.role, host=args.host, port=args.port, worker_id=args.worker_id,
             engine=engine_config_from_args(args), discovery_url=args.discovery,

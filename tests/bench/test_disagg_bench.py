@@ -181,3 +181,11 @@ def test_live_disaggregated_point_tiny(tmp_path):
     with pytest.raises((urllib.error.URLError, OSError)):  # stopped: nothing listens any more
         urllib.request.build_opener(urllib.request.ProxyHandler({})).open(point["url"] + "/health",
                                                                           timeout=2)
+
+
+def test_setups_pin_their_workers_unless_told_not_to():
+    from splitserve.bench.disagg import DisaggBenchConfig, serve_flags
+
+    for name in ("aggregated", "disaggregated"):
+        assert "--pin-workers" in serve_flags(name, DisaggBenchConfig())
+        assert "--pin-workers" not in serve_flags(name, DisaggBenchConfig(pin_workers=False))
