@@ -64,8 +64,11 @@ def test_layout_fields():
     assert all(t.dtype == torch.int32 for t in (qo_indptr, kv_indptr, kv_indices, last))
 
 
-def test_naive_attention_over_the_layout_equals_torch_backend():
+@pytest.mark.parametrize("decode_only", [False, True])
+def test_naive_attention_over_the_layout_equals_torch_backend(decode_only):
     q_lens, starts, tables = _step()
+    if decode_only:
+        q_lens, starts, tables = q_lens[:2], starts[:2], tables[:2]
     meta = build_metadata(q_lens, starts, tables, BS, torch.device("cpu"))
     gen = torch.Generator().manual_seed(1)
     kv_cache = torch.randn(NB, LAYERS, 2, BS, NKV, D, generator=gen, dtype=torch.float64)
@@ -73,7 +76,9 @@ def test_naive_attention_over_the_layout_equals_torch_backend():
     q = torch.randn(T, NH, D, generator=gen, dtype=torch.float64)
     k = torch.randn(T, NKV, D, generator=gen, dtype=torch.float64)
     v = torch.randn(T, NKV, D, generator=gen, dtype=torch.float64)
-    ours = TorchAttentionBackend().forward(0, q, k, v, kv_cache, meta).view(T, NH, D)
+    torch_backend = TorchAttentionBackend()
+    torch_backend.begin_step(meta, kv_cache, NH, NKV, D)
+    ours = torch_backend.forward(0, q, k, v, kv_cache, meta).view(T, NH, D)
     # the torch backend wrote this step's k/v into the cache; the naive pass reads them back
     naive = _naive(q, kv_cache, paged_kv_layout(meta))
     torch.testing.assert_close(ours, naive)
