@@ -1,10 +1,10 @@
-"""The router's configuration: one frozen, validated object; CLI flags map onto its fields."""
+"""The router's configuration: one frozen, validated object; the `--router-*` flags
+(`frontend/routing.py`: add_router_args, router_config_from_args) map onto its fields."""
 
 from __future__ import annotations
 
-import argparse
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 #: Routing modes (`--router-mode`).
 MODES = ("kv", "round-robin", "random", "least-loaded")
@@ -82,47 +82,3 @@ class RouterConfig:
             raise ValueError(
                 f"max_local_prefill_tokens must be >= 0, got {self.max_local_prefill_tokens!r}"
             )
-
-
-def _flag(name: str) -> str:
-    return "--router-" + name.replace("_", "-")
-
-
-def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    """Add `--router-<field>` flags (frontend and `splitserve router` share them)."""
-    d = RouterConfig()
-    group = parser.add_argument_group("router")
-    group.add_argument(_flag("mode"), choices=MODES, default=d.mode, help="routing mode")
-    group.add_argument(_flag("block_size"), type=int, default=d.block_size,
-                       help="tokens per KV block (must match the workers)")
-    group.add_argument(_flag("overlap_weight"), type=float, default=d.overlap_weight,
-                       help="prefill-pool weight of blocks to compute vs decode blocks")
-    group.add_argument(_flag("decode_overlap_weight"), type=float,
-                       default=d.decode_overlap_weight,
-                       help="decode-pool weight of blocks to pull (0: overlap breaks ties)")
-    group.add_argument(_flag("temperature"), type=float, default=d.temperature,
-                       help="0: cheapest worker; >0: softmax sampling over normalized costs")
-    group.add_argument(_flag("max_active_blocks_frac"), type=float,
-                       default=d.max_active_blocks_frac,
-                       help="skip workers above this KV usage (1 disables)")
-    group.add_argument(_flag("max_queue"), type=int, default=d.max_queue,
-                       help="skip workers with this many waiting requests (default: no limit)")
-    group.add_argument(_flag("retry_after_s"), type=float, default=d.retry_after_s,
-                       help="Retry-After seconds when all workers are busy")
-    group.add_argument(_flag("approx_ttl_s"), type=float, default=d.approx_ttl_s,
-                       help="approximate mode: seconds a routed prefix is assumed cached")
-    group.add_argument(_flag("max_local_prefill_tokens"), type=int,
-                       default=d.max_local_prefill_tokens,
-                       help="prefill on the decode worker when at most this many tokens are uncached")
-    group.add_argument(_flag("seed"), type=int, default=d.seed, help="router RNG seed")
-
-
-def config_from_args(args: argparse.Namespace, **overrides: object) -> RouterConfig:
-    """RouterConfig from parsed `--router-*` flags (fields without a flag keep defaults)."""
-    kwargs: dict[str, object] = {}
-    for f in fields(RouterConfig):
-        attr = "router_" + f.name
-        if hasattr(args, attr):
-            kwargs[f.name] = getattr(args, attr)
-    kwargs.update(overrides)
-    return RouterConfig(**kwargs)  # type: ignore[arg-type]

@@ -39,7 +39,6 @@ class TorchAttentionBackend:
         layer_cache[meta.slot_block, 0, meta.slot_offset] = k
         layer_cache[meta.slot_block, 1, meta.slot_offset] = v
         out = torch.empty(T, nh, d, dtype=q.dtype, device=q.device)
-        bs = meta.block_size
 
         nd = meta.num_decodes
         if nd:

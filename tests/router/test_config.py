@@ -4,7 +4,8 @@ import argparse
 
 import pytest
 
-from splitserve.router.config import RouterConfig, add_cli_args, config_from_args
+from splitserve.frontend.routing import add_router_args, router_config_from_args
+from splitserve.router.config import RouterConfig
 
 
 @pytest.mark.parametrize("kw", [
@@ -40,14 +41,14 @@ def test_defaults_are_valid_and_frozen():
 
 def test_cli_flags_map_onto_fields():
     parser = argparse.ArgumentParser()
-    add_cli_args(parser)
+    add_router_args(parser)
     args = parser.parse_args(["--router-mode", "round-robin", "--router-temperature", "0.3",
                               "--router-max-active-blocks-frac", "0.8", "--router-max-queue", "7",
                               "--router-block-size", "32", "--router-seed", "5"])
-    cfg = config_from_args(args)
+    cfg = router_config_from_args(args)
     assert (cfg.mode, cfg.temperature, cfg.max_active_blocks_frac, cfg.max_queue,
             cfg.block_size, cfg.seed) == ("round-robin", 0.3, 0.8, 7, 32, 5)
-    assert config_from_args(parser.parse_args([])) == RouterConfig()
-    assert config_from_args(parser.parse_args([]), block_size=8).block_size == 8
+    assert router_config_from_args(parser.parse_args([])) == RouterConfig()
+    assert router_config_from_args(parser.parse_args([]), block_size=8).block_size == 8
     with pytest.raises(SystemExit):
         parser.parse_args(["--router-mode", "nope"])
