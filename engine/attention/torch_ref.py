@@ -57,8 +57,9 @@ class TorchAttentionBackend:
                 vi = v[q_start : q_start + q_len].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=nh != nkv)
             else:
-                ki = layer_cache[table, 0].view(-1, nkv, d)[:ctx].transpose(0, 1).unsqueeze(0)
-                vi = layer_cache[table, 1].view(-1, nkv, d)[:ctx].transpose(0, 1).unsqueeze(0)
+                ki = layer_cache[:, 0].index_select(0, table).view(-1, nkv, d)[:ctx]
+                vi = layer_cache[:, 1].index_select(0, table).view(-1, nkv, d)[:ctx]
+                ki, vi = (x.transpose(0, 1).unsqueeze(0) for x in (ki, vi))
                 pos_q = torch.arange(ctx - q_len, ctx, device=q.device)
                 mask = torch.arange(ctx, device=q.device)[None, :] <= pos_q[:, None]
                 o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, enable_gqa=nh != nkv)
