@@ -7,7 +7,8 @@ Runs the engine in-process with the worker's settings (threads, dtype, block siz
   cost does not depend on what the KV cache holds, so the grid's contexts are admitted as
   already-prefilled requests (the disaggregated path) instead of being prefilled first.
 Writes the profile JSON the planner reads (format: planner/profile.py) and, with --plot,
-PNG plots.
+PNG plots. With --colocation it also measures how much a prefill and a decode replica slow
+each other on one host (planner/colocation.py) and records it in `metadata.colocation`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=None)
     p.add_argument("--context", type=int, nargs="+", default=None)
     p.add_argument("--decode-steps", type=int, default=8, help="timed decode steps per cell")
+    p.add_argument("--colocation", action="store_true",
+                   help="also measure the slowdown of a prefill and a decode replica sharing this host")
     add_engine_args(p)
     p.set_defaults(func=run, num_threads=1, dtype="bfloat16")
 
@@ -62,7 +65,8 @@ def measure_prefill(engine, isls: list[int], rng, progress) -> tuple[list[float]
 
 
 def measure_decode_cell(engine, batch: int, ctx: int, steps: int, rng) -> float:
-    """Mean step time (ms) with `batch` requests decoding at context ~ctx."""
+    """Median step time (ms) with `batch` requests decoding at context ~ctx."""
+    import statistics
     import time
 
     from splitserve.engine.sampling_params import SamplingParams
@@ -79,10 +83,14 @@ def measure_decode_cell(engine, batch: int, ctx: int, steps: int, rng) -> float:
         ids.append(rid)
     engine.step()  # admits every request (one token each)
     engine.step()
-    t0 = time.perf_counter()
+    times = []
     for _ in range(steps):
+        t0 = time.perf_counter()
         engine.step()
-    dt = (time.perf_counter() - t0) / steps
+        times.append(time.perf_counter() - t0)
+    # The median step: one step slowed by a transient neighbour on a shared host does not
+    # move the cell (the mean did: a 2x outlier in one cell of the shipped profile).
+    dt = statistics.median(times)
     for rid in ids:
         engine.abort(rid)
     engine.pool.reset_prefix_cache()
@@ -123,6 +131,12 @@ def run(args: argparse.Namespace) -> int:
         ms = measure_decode_cell(engine, b, c, args.decode_steps, rng)
         itl[i][j] = ms
         dtok[i][j] = b / (ms / 1e3)
+    colocation = None
+    if args.colocation:
+        from splitserve.planner.colocation import measure_colocation
+
+        print("measuring co-location slowdown (a neighbour process per role)")
+        colocation = measure_colocation(engine, args, rng)
     info = machine_info()
     data = {
         "version": PROFILE_FORMAT_VERSION,
@@ -135,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
             "command": "splitserve " + " ".join(sys.argv[1:]),
             # Other load on the machine while measuring (1/5/15-minute load averages).
             "load_average": list(os.getloadavg()),
+            **({"colocation": colocation} if colocation else {}),
         },
         "prefill": {"isl": isls, "ttft_ms": ttft, "tok_s": ptok},
         "decode": {"batch": batches, "context": contexts, "itl_ms": itl, "tok_s": dtok},

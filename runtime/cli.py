@@ -33,6 +33,7 @@ BENCHES: dict[str, str] = {
     "router": "splitserve.bench.router",
     "kv-transfer": "splitserve.bench.kv_transfer",
     "disagg": "splitserve.bench.disagg",
+    "sim-validate": "splitserve.bench.sim_validate",
 }
 
 

@@ -227,8 +227,12 @@ class DecodePool:
         return waited
 
     # ------------------------------------------------------------------ one step
-    def step(self, t0: float, dt: float, finish: np.ndarray) -> tuple[float, float, np.ndarray]:
-        """Advance [t0, t0+dt); writes finish times. Returns (request-seconds, tokens, done idx)."""
+    def step(
+        self, t0: float, dt: float, finish: np.ndarray, slowdown: np.ndarray | None = None
+    ) -> tuple[float, float, np.ndarray]:
+        """Advance [t0, t0+dt); writes finish times. Returns (request-seconds, tokens, done idx).
+
+        `slowdown[r]` (>= 1, optional) multiplies replica r's ITL in this step (co-location)."""
         t1 = t0 + dt
         if self.r_req.size == 0:
             self._retire_idle()
@@ -243,6 +247,9 @@ class DecodePool:
         # Admission keeps batch x context within capacity; inf only from float edge cases.
         itl_ms = np.where(np.isfinite(itl_ms), itl_ms, np.nanmax(np.where(np.isfinite(itl_ms), itl_ms, 0.0)) * 4 + 1e3)
         itl[busy] = itl_ms / 1000.0
+        if slowdown is not None:
+            m = min(slowdown.size, n)
+            itl[:m] *= slowdown[:m]
         start = np.maximum(self.r_join, t0)
         span = t1 - start
         my_itl = itl[rep]
@@ -272,3 +279,99 @@ class DecodePool:
             self.r_rem = rem - gen
             self.r_ctx = self.r_ctx + gen
         return busy_s, total_tokens, reqs
+
+
+class ColocatedPrefillPool:
+    """Prefill replicas that share their host with a decode replica (co-location mode).
+
+    Replica i shares cores with decode replica i. Each replica runs engine steps: a step
+    takes the arrived prompts at the head of its FIFO queue up to `max_batched_tokens`
+    prompt tokens (the engine's token budget; the last prompt may be chunked and finish in a
+    later step; None: one whole prompt per step), and every prompt that completes in the
+    step gets its first token at the step's end. A prompt's tokens cost `occupancy / isl`
+    seconds each on an uncontended replica; during a decode step in which the decode
+    neighbour has running requests the replica runs at 1 / prefill_slowdown of that speed.
+    Routing: least remaining work. `busy_fraction` (per replica, of the last step) lets the
+    decode neighbour apply decode_slowdown for that share of its step. Fixed size: the pools
+    do not resize in this mode.
+    """
+
+    def __init__(self, n: int, max_batched_tokens: int | None = None) -> None:
+        #: per replica: FIFO of [request, arrival, tokens left, seconds per token]
+        self.queues: list[deque[list]] = [deque() for _ in range(n)]
+        #: per replica: the running step as [uncontended seconds left, requests it completes], or None
+        self.current: list[list | None] = [None] * n
+        self.work = np.zeros(n)
+        self.busy_fraction = np.zeros(n)
+        self.max_batched_tokens = max_batched_tokens
+
+    @property
+    def size(self) -> int:
+        return len(self.queues)
+
+    def idle(self) -> bool:
+        return not any(self.queues) and all(c is None for c in self.current)
+
+    def route(self, idx: np.ndarray, arrival: np.ndarray, isl: np.ndarray, occupancy: np.ndarray) -> None:
+        if not self.queues:
+            return  # no prefill replica: these requests never start
+        for k in idx.tolist():
+            r = int(np.argmin(self.work))
+            n = float(isl[k])
+            self.queues[r].append([k, float(arrival[k]), n, float(occupancy[k]) / n])
+            self.work[r] += float(occupancy[k])
+
+    def _form_step(self, q: deque, now: float) -> list | None:
+        """The next engine step from the arrived head of `q` (None if nothing has arrived)."""
+        budget = self.max_batched_tokens
+        work, completes = 0.0, []
+        while q and q[0][1] <= now:
+            item = q[0]
+            take = item[2] if budget is None else min(item[2], budget)
+            work += take * item[3]
+            item[2] -= take
+            if item[2] <= 0:
+                completes.append(item[0])
+                q.popleft()
+            if budget is None:
+                break
+            budget -= take
+            if budget <= 0:
+                break
+        return [work, completes] if work > 0 or completes else None
+
+    def step(self, u: float, dt: float, neighbour_busy: np.ndarray, slowdown: float, first_token: np.ndarray) -> list[int]:
+        """Advance [u, u+dt); writes first-token times; returns the requests that finished."""
+        done: list[int] = []
+        end = u + dt
+        for r, q in enumerate(self.queues):
+            busy = 0.0
+            slow = slowdown if r < neighbour_busy.size and neighbour_busy[r] else 1.0
+            c = u
+            while c < end:
+                cur = self.current[r]
+                if cur is None:
+                    cur = self._form_step(q, c)
+                    if cur is None:
+                        if not q or q[0][1] >= end:
+                            break
+                        c = q[0][1]  # idle until the next prompt arrives
+                        continue
+                    self.current[r] = cur
+                need = cur[0] * slow
+                if c + need <= end:
+                    c += need
+                    busy += need
+                    self.work[r] -= cur[0]
+                    for k in cur[1]:
+                        first_token[k] = c
+                    done.extend(cur[1])
+                    self.current[r] = None
+                else:
+                    ran = end - c
+                    busy += ran
+                    cur[0] -= ran / slow
+                    self.work[r] -= ran / slow
+                    c = end
+            self.busy_fraction[r] = busy / dt
+        return done

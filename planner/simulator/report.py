@@ -26,6 +26,8 @@ APPROXIMATIONS = (
     "tokens); admission per request to the least-loaded replica with a free slot and room for "
     "isl+osl KV tokens reserved up front (no preemption)",
     "KV hand-off prefill->decode takes kv_transfer_ms (default 0); no prefix caching",
+    "every replica has its own GPU/host: no co-location slowdown (SimConfig.colocated models a "
+    "fixed 1:1 pairing on shared CPU hosts, used to validate against a live run on one machine)",
     "the planner observes arrival rate and ISL of arrivals, TTFT of first tokens and ITL of tokens "
     "generated in the interval, OSL of finished requests",
     "GPU-hours are billed over the trace duration; new replicas from the decision, removed ones "

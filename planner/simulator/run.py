@@ -13,6 +13,10 @@ Lifecycle of one run:
 5. after the trace ends the loop keeps ticking until every request finished (or
    `drain_limit_s` passed: unfinished requests miss their SLO).
 
+With `SimConfig.colocated` (fixed pools sharing hosts pairwise, CPU serving on one machine)
+prefill runs fluid per decode step instead of exact per interval (see
+`cluster.ColocatedPrefillPool`), so that each pool's speed can depend on the other's state.
+
 A request meets its SLO when its TTFT ≤ ttft_ms and its mean ITL (last token − first
 token) ÷ (osl − 1) ≤ itl_ms. GPU-hours are billed over [0, trace duration].
 """
@@ -30,7 +34,7 @@ from splitserve.planner.config import PlannerConfig
 from splitserve.planner.core import Planner
 from splitserve.planner.profile import Profile
 from splitserve.planner.sla_math import size_pools
-from splitserve.planner.simulator.cluster import DecodePool, PrefillPool
+from splitserve.planner.simulator.cluster import ColocatedPrefillPool, DecodePool, PrefillPool
 from splitserve.planner.simulator.traces import Trace
 from splitserve.planner.types import Decision, Observations
 
@@ -51,6 +55,14 @@ class SimConfig:
     decode_dt_s: float = 0.5
     #: Prefill -> decode KV hand-off delay (ms).
     kv_transfer_ms: float = 0.0
+    #: Prefill replica i shares its host's cores with decode replica i (CPU serving on one
+    #: machine): each slows the other by the profile's measured `metadata.colocation`
+    #: slowdowns (`splitserve profile --colocation`). Fixed pools only (static policy).
+    colocated: bool = False
+    #: Colocated mode: a prefill step's token budget (the engine's --max-num-batched-tokens):
+    #: prompts queued together share a step and get their first tokens at its end; None: one
+    #: whole prompt per step.
+    prefill_max_batched_tokens: int | None = None
     #: GPUs per prefill replica.
     prefill_gpus_per_replica: int = 1
     #: GPUs per decode replica.
@@ -140,6 +152,9 @@ class SimResult:
     wall_s: float
     #: Per tick: t, prefill, decode, gpus (billed), rps, ttft_ms, itl_ms, predicted_rps.
     timeline: dict[str, list[float]] = field(default_factory=dict)
+    #: Per request, in trace order: TTFT and mean ITL (s; NaN where unfinished or osl = 1).
+    request_ttft_s: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    request_itl_s: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready figures (without the timeline)."""
@@ -166,6 +181,21 @@ def _stats_ms(values_s: np.ndarray) -> dict[str, float]:
         return {"mean": math.nan, "p50": math.nan, "p90": math.nan, "p99": math.nan}
     p50, p90, p99 = np.percentile(v, [50, 90, 99])
     return {"mean": float(v.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+
+def colocation_slowdowns(profile: Profile) -> tuple[float, float]:
+    """(prefill, decode) slowdown of co-located replicas, from the profile's measurement."""
+    c = profile.metadata.get("colocation")
+    try:
+        p, d = float(c["prefill_slowdown"]), float(c["decode_slowdown"])
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(
+            "colocated simulation needs a profile with metadata.colocation: measure it with "
+            "`splitserve profile --colocation`"
+        ) from None
+    if not (p >= 1.0 and d >= 1.0):
+        raise ValueError(f"colocation slowdowns must be >= 1, got {p}, {d}")
+    return p, d
 
 
 def simulate(trace: Trace, profile: Profile, policy: Policy, cfg: SimConfig) -> SimResult:
@@ -198,6 +228,10 @@ def simulate(trace: Trace, profile: Profile, policy: Policy, cfg: SimConfig) -> 
     p0, d0 = policy.initial(trace)
     prefill.resize(p0, 0.0, 0.0, duration)
     decode.resize(d0, 0.0, 0.0)
+    coloc: ColocatedPrefillPool | None = None
+    if cfg.colocated:
+        coloc_p, coloc_d = colocation_slowdowns(profile)
+        coloc = ColocatedPrefillPool(p0, cfg.prefill_max_batched_tokens)
 
     pend_t = np.zeros(0)
     pend_i = np.zeros(0, dtype=np.int64)
@@ -209,44 +243,62 @@ def simulate(trace: Trace, profile: Profile, policy: Policy, cfg: SimConfig) -> 
     i = 0
     tick = 0
     t0 = 0.0
+    def hand_off(done_idx: np.ndarray) -> tuple[float, int]:
+        """Prefills done: count their TTFT, finish one-token requests, queue the rest for decode
+        (after the KV transfer). Returns the (OSL sum, count) of the requests finished."""
+        nonlocal pend_t, pend_i
+        ft = first_token[done_idx]
+        b = np.minimum((ft // interval).astype(np.int64), max_ticks)
+        np.add.at(ttft_sum, b, ft - arr[done_idx])
+        np.add.at(ttft_cnt, b, 1.0)
+        single = osl[done_idx] <= 1.0
+        osl_s, osl_c = 0.0, 0
+        if np.any(single):
+            finish[done_idx[single]] = ft[single]
+            # one-token requests finish at their first token (counted in the window they land in;
+            # approximated here as this window)
+            osl_s += float(osl[done_idx[single]].sum())
+            osl_c += int(np.count_nonzero(single))
+        multi = done_idx[~single]
+        if multi.size:
+            pend_t = np.concatenate([pend_t, first_token[multi] + transfer])
+            pend_i = np.concatenate([pend_i, multi])
+            order = np.argsort(pend_t, kind="stable")
+            pend_t, pend_i = pend_t[order], pend_i[order]
+        return osl_s, osl_c
+
     while True:
         t1 = t0 + interval
         j = int(np.searchsorted(arr, t1, side="left"))
-        backlog_before = list(prefill.backlog)
-        prefill.serve(range(i, j), arr_l, occ_l, lat_l, first_token)
-        if prefill.size:
-            done_idx = np.concatenate([np.asarray(backlog_before, dtype=np.int64), np.arange(i, j)])
-        else:
-            done_idx = np.zeros(0, dtype=np.int64)
-        n_arrived, isl_arrived = j - i, float(isl[i:j].sum())
-        i = j
         osl_sum, osl_cnt = 0.0, 0
-        if done_idx.size:
-            ft = first_token[done_idx]
-            b = np.minimum((ft // interval).astype(np.int64), max_ticks)
-            np.add.at(ttft_sum, b, ft - arr[done_idx])
-            np.add.at(ttft_cnt, b, 1.0)
-            single = osl[done_idx] <= 1.0
-            if np.any(single):
-                finish[done_idx[single]] = ft[single]
-                # one-token requests finish at their first token (counted in the window they land in;
-                # approximated here as this window)
-                osl_sum += float(osl[done_idx[single]].sum())
-                osl_cnt += int(np.count_nonzero(single))
-            multi = done_idx[~single]
-            if multi.size:
-                pend_t = np.concatenate([pend_t, first_token[multi] + transfer])
-                pend_i = np.concatenate([pend_i, multi])
-                order = np.argsort(pend_t, kind="stable")
-                pend_t, pend_i = pend_t[order], pend_i[order]
+        if coloc is None:
+            backlog_before = list(prefill.backlog)
+            prefill.serve(range(i, j), arr_l, occ_l, lat_l, first_token)
+            if prefill.size:
+                done_idx = np.concatenate([np.asarray(backlog_before, dtype=np.int64), np.arange(i, j)])
+                osl_sum, osl_cnt = hand_off(done_idx)
+        n_arrived, isl_arrived = j - i, float(isl[i:j].sum())
+        i_step = i
+        i = j
         busy_s = tokens = 0.0
         for s in range(steps):
             u = t0 + s * dt
+            slowdown = None
+            if coloc is not None:
+                j_step = j if s == steps - 1 else int(np.searchsorted(arr, u + dt, side="left"))
+                coloc.route(np.arange(i_step, j_step), arr, isl, lat)
+                i_step = j_step
+                fin = coloc.step(u, dt, decode.nrun[: coloc.size] > 0, coloc_p, first_token)
+                if fin:
+                    o_s, o_c = hand_off(np.asarray(fin, dtype=np.int64))
+                    osl_sum += o_s
+                    osl_cnt += o_c
+                slowdown = 1.0 + (coloc_d - 1.0) * coloc.busy_fraction
             cut = int(np.searchsorted(pend_t, u + dt, side="left"))
             new_i, new_t = pend_i[:cut], pend_t[:cut]
             pend_i, pend_t = pend_i[cut:], pend_t[cut:]
             busy_s += decode.admit(new_i, new_t, u, need, rem, ctx0)
-            b_s, tok, done = decode.step(u, dt, finish)
+            b_s, tok, done = decode.step(u, dt, finish, slowdown)
             busy_s += b_s
             tokens += tok
             if done.size:
@@ -270,6 +322,8 @@ def simulate(trace: Trace, profile: Profile, policy: Policy, cfg: SimConfig) -> 
             decode_replicas=decode.size,
         )
         new_p, new_d = policy.decide(obs)
+        if coloc is not None and (new_p, new_d) != (prefill.size, decode.size):
+            raise ValueError("colocated simulation takes fixed pools (a static policy)")
         prefill.resize(new_p, t1, t1 + cfg.startup_s, duration)
         decode.resize(new_d, t1, t1 + cfg.startup_s)
 
@@ -288,6 +342,7 @@ def simulate(trace: Trace, profile: Profile, policy: Policy, cfg: SimConfig) -> 
         idle = (
             i >= n
             and not prefill.backlog
+            and (coloc is None or coloc.idle())
             and pend_t.size == 0
             and decode.r_req.size == 0
             and not decode.waiting
@@ -318,4 +373,6 @@ def simulate(trace: Trace, profile: Profile, policy: Policy, cfg: SimConfig) -> 
         peak_gpus=int(max(tl["gpus"] + [p0 * gp + d0 * gd])),
         wall_s=time.perf_counter() - wall0,
         timeline=tl,
+        request_ttft_s=ttft,
+        request_itl_s=np.where(np.isfinite(finish) & (osl > 1.0), mean_itl, np.nan),
     )

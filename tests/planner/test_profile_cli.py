@@ -22,3 +22,20 @@ def test_profile_command_writes_a_valid_profile(tmp_path):
     assert data["prefill"]["ttft_ms"][1] > data["prefill"]["ttft_ms"][0]
     assert all(v is not None and v > 0 for row in data["decode"]["itl_ms"] for v in row)
     assert prof.decode_itl_ms(1, 32) > 0
+
+
+@pytest.mark.live
+def test_colocation_neighbour_runs_until_stopped():
+    """The co-location neighbour (`python -m splitserve.planner.colocation`) loads the model,
+    says ready, keeps a decode batch busy, and exits on SIGTERM."""
+    import argparse
+
+    from splitserve.engine.cli import add_engine_args
+    from splitserve.planner.colocation import _Neighbour
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    args = p.parse_args(["--dtype", "bfloat16"])
+    with _Neighbour("decode", args) as n:
+        assert n.proc.poll() is None
+    assert n.proc.returncode == 0
