@@ -3,8 +3,8 @@
     splitserve bench sim-validate --json FILE [--quick] [--rates R1 R2 ...] [--profile P.json]
 
 Lifecycle, per rate (one at a time, each on a fresh server): start `splitserve serve
---prefill-workers 1 --decode-workers 1 --max-local-prefill-tokens 0` (1 torch thread per
-worker, bf16; every prompt goes to the prefill worker, its KV blocks are pulled by the
+--prefill-workers 1 --decode-workers 1 --max-local-prefill-tokens 0 --pin-workers` (1 torch
+thread per worker, each on its own core, bf16; every prompt goes to the prefill worker, its KV blocks are pulled by the
 decode worker), wait until /health counts both workers, warm both with short requests,
 drive a Poisson workload (ISL uniform in [512, 1024], OSL 64, `ignore_eos`) until every
 request has finished, then SIGTERM the server. The exact trace that ran — each request's
@@ -45,7 +45,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 #: serve flags: 1 prefill + 1 decode worker, every prompt prefilled remotely.
-SERVE_FLAGS = ["--prefill-workers", "1", "--decode-workers", "1", "--max-local-prefill-tokens", "0"]
+SERVE_FLAGS = ["--prefill-workers", "1", "--decode-workers", "1", "--max-local-prefill-tokens", "0",
+               "--pin-workers"]
 SERVE_WORKERS = {"prefill": 1, "decode": 1}
 #: Relative error of the mean TTFT and ITL the issue asks for.
 TOLERANCE = 0.15
