@@ -158,8 +158,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         first_lp = (token_logprob_from_proto(handle.first_logprob)
                     if handle.HasField("first_logprob") else None)
 
-        async def pull(plan: list[tuple[int, int]]) -> bool:
-            if not plan:  # every block was in our prefix cache: nothing to move
+        async def pull(plan: list[tuple[int, int]] | None) -> bool:
+            # []: every block is in our prefix cache; None: our pool is short and the prompt
+            # is prefilled here. Either way nothing moves and the prefill side lets go.
+            if not plan:
                 await self._release_remote(handle, rid)
                 return True
             try:

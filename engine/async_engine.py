@@ -94,22 +94,25 @@ class AsyncEngine:
         pull: Callable[[list[tuple[int, int]]], Awaitable[bool]],
         first_logprob: TokenLogprob | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """A request prefilled elsewhere: admit it with its first token, `await pull(plan)`
-        (plan: (index into the remote block ids, local block id) pairs still missing here),
-        then stream the tokens after the first. When the pull fails (returns False or
-        raises) the prompt is prefilled locally, and the request still completes."""
+        """A request prefilled elsewhere: admit it with its first token, `await pull(plan)`,
+        then stream the tokens after the first. plan: (index into the remote block ids,
+        local block id) pairs still missing here — [] when this engine's prefix cache holds
+        them all, None when the block pool is short and the prompt is prefilled here instead;
+        `pull` is awaited in every case, so the remote side can always free its pinned
+        blocks. When the pull fails (returns False or raises) the prompt is prefilled
+        locally, and the request still completes."""
         q = self._open(request_id, prompt_token_ids, params)
         finished = False
         try:
             plan = await self.call(lambda e: e.add_remote_request(
                 request_id, list(prompt_token_ids), params, first_token, first_logprob))
-            if plan is not None:
-                ok = False
-                try:
-                    ok = bool(await pull(plan)) if plan else True
-                except Exception as exc:  # the transfer failed: prefill locally instead
-                    logger.warning("KV pull for %s failed (%s); prefilling locally", request_id, exc)
-                finally:
+            ok = False
+            try:
+                ok = bool(await pull(plan))
+            except Exception as exc:  # the transfer failed: prefill locally instead
+                logger.warning("KV pull for %s failed (%s); prefilling locally", request_id, exc)
+            finally:
+                if plan is not None:
                     await asyncio.shield(self.call(lambda e: e.remote_ready(request_id, ok)))
             async for out in self._consume(request_id, q):
                 finished = out.finished

@@ -139,3 +139,40 @@ async def test_async_generate_remote(outcome):
         assert st.num_free_blocks == st.num_total_blocks
     finally:
         await dec.shutdown()
+
+
+@pytest.mark.parametrize("case", ["all_cached", "pool_short"])
+async def test_async_generate_remote_always_calls_pull(case):
+    """With nothing to pull (the prefix is cached here) or no room to pull into (the prompt
+    is prefilled here), pull still runs, so the prefill side can free its pinned blocks."""
+    from splitserve.engine.async_engine import AsyncEngine
+
+    prompt = list(range(3, 19))  # 4 full blocks of 4
+    ref = tiny_engine(CFG).generate([prompt], GREEDY)[0]
+    pre = tiny_engine(CFG)
+    first = run_prefill(pre, "r", prompt, GREEDY)
+    dec_engine = tiny_engine(CFG)
+    if case == "all_cached":
+        dec_engine.generate([prompt + [40]], SamplingParams(max_tokens=1, temperature=0))
+    else:  # a running request holds most of the pool
+        hog = [5 + i % 100 for i in range(4 * 62)]  # 62 of the 64 blocks
+        dec_engine.add_request("hog", hog, SamplingParams(max_tokens=4, temperature=0,
+                                                          ignore_eos=True))
+        for _ in range(4):  # its prefill, 64 tokens a step
+            dec_engine.step()
+        assert dec_engine.pool.num_free_blocks < 4
+    dec = AsyncEngine(dec_engine.config, engine=dec_engine)
+    await dec.start()
+    plans = []
+    try:
+        async def pull(plan):
+            plans.append(plan)
+            return True
+
+        toks = []
+        async for o in dec.generate_remote("r", prompt, GREEDY, first, pull):
+            toks += o.new_token_ids
+        assert plans == ([[]] if case == "all_cached" else [None])
+        assert [first] + toks == ref
+    finally:
+        await dec.shutdown()
