@@ -75,9 +75,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     #: auto | torch | flashinfer.
     attention_backend: str = "auto"
-    #: auto (keep a GGUF file's Q4_1 weights 4-bit on CPU in bfloat16 and run them with
-    #: torch's int4 kernel) | none (dequantize every weight to dtype) | q4_1 (keep them 4-bit
-    #: in any CPU dtype).
+    #: auto (on CPU in bfloat16, also keep a GGUF file's Q4_1 weights 4-bit and run steps of
+    #: up to 4 tokens with torch's int4 kernel: faster decode, more memory) | none (dequantize
+    #: every weight to dtype only) | q4_1 (the 4-bit copy in any CPU dtype).
     quantization: str = "auto"
     #: torch intra-op threads for this engine; None leaves torch's default.
     num_threads: int | None = None

@@ -4,8 +4,9 @@ A Q4_1 block holds 32 consecutive weights of one row: an fp16 scale `d`, an fp16
 `m` and 32 4-bit values `q`, with w = d*q + m. torch's int4 kernel
 (`aten._weight_int4pack_mm_for_cpu`) computes with w = (q - 8)*scale + zero per group of 32
 along the input dimension, so the file's own numbers map onto it with scale = d and
-zero = m + 8d: the model runs from the weights the file stores instead of a bf16 copy of
-them (4.5 bits a weight instead of 16; decode at small batch is bound by reading weights).
+zero = m + 8d: small-batch decode, which is bound by reading weights, reads the weights the
+file stores (4.5 bits a weight instead of 16). This is for speed, not memory: a dense copy
+is kept too, for the larger steps where the int4 kernel loses (`Int4Linear`).
 """
 
 from __future__ import annotations

@@ -24,8 +24,6 @@ class AttentionMetadata:
     num_decodes: int
     decode_block_table: torch.Tensor | None  # [D, max_blocks] long, padded with 0
     decode_seq_lens: torch.Tensor | None  # [D] long
-    #: Additive float32 mask: 0 on a request's tokens, -inf on the table's padding.
-    decode_bias: torch.Tensor | None  # [D, 1, 1, max_blocks*block_size]
     # Prefill chunks: (query start in the flat batch, query length, context length incl.
     # this chunk, block table as a long tensor).
     prefills: list[tuple[int, int, int, torch.Tensor]]
@@ -53,17 +51,13 @@ def build_metadata(
         if q != 1:
             break
         num_decodes += 1
-    dec_table = dec_lens = dec_bias = None
+    dec_table = dec_lens = None
     if num_decodes:
         seq_lens = [starts[i] + 1 for i in range(num_decodes)]
         max_blocks = max(-(-s // block_size) for s in seq_lens)
         rows = [t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in block_tables[:num_decodes]]
         dec_table = torch.tensor(rows, dtype=torch.long, device=device)
         dec_lens = torch.tensor(seq_lens, dtype=torch.long, device=device)
-        ar = torch.arange(max_blocks * block_size, device=device)
-        dec_bias = torch.zeros(num_decodes, max_blocks * block_size, device=device)
-        dec_bias.masked_fill_(ar[None, :] >= dec_lens[:, None], float("-inf"))
-        dec_bias = dec_bias.view(num_decodes, 1, 1, -1)
     prefills = []
     q_start = num_decodes
     for i in range(num_decodes, len(query_lens)):
@@ -79,7 +73,6 @@ def build_metadata(
         num_decodes=num_decodes,
         decode_block_table=dec_table,
         decode_seq_lens=dec_lens,
-        decode_bias=dec_bias,
         prefills=prefills,
     )
 

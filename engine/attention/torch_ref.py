@@ -12,8 +12,9 @@ class TorchAttentionBackend:
     name = "torch"
 
     def begin_step(self, meta, kv_cache, num_heads, num_kv_heads, head_dim) -> None:
-        """For the decodes: the cache rows each (request, query head, position) reads V
-        from, as one embedding-bag index list (see `_decode`)."""
+        """For the decodes: the additive mask over the padded block tables, and the cache
+        rows each (request, query head, position) reads V from, as one embedding-bag index
+        list (see `_decode`)."""
         if not meta.num_decodes:
             return
         table = meta.decode_block_table  # [D, max_blocks]
@@ -27,7 +28,11 @@ class TorchAttentionBackend:
         row = table[:, pos // bs] * (layers * 2 * bs * num_kv_heads) + (pos % bs) * num_kv_heads
         heads = torch.arange(num_kv_heads, device=table.device)
         idx = row[:, None, None, :] + heads[None, None, :, None]  # [D, 1, nkv, L]
+        # 0 on a request's tokens, -inf on its table's padding (float32)
+        bias = torch.zeros(D, L, device=table.device)
+        bias.masked_fill_(pos[None, :] >= meta.decode_seq_lens[:, None], float("-inf"))
         meta.backend_state = {
+            "bias": bias.view(D, 1, 1, L),
             "pv_index": idx.expand(D, g, num_kv_heads, L).reshape(-1),
             "pv_offsets": torch.arange(0, D * num_heads * L, L, device=table.device),
         }
@@ -38,13 +43,12 @@ class TorchAttentionBackend:
         layer_cache = kv_cache[:, layer]  # [NB, 2, bs, nkv, d] (a view)
         layer_cache[meta.slot_block, 0, meta.slot_offset] = k
         layer_cache[meta.slot_block, 1, meta.slot_offset] = v
-        out = torch.empty(T, nh, d, dtype=q.dtype, device=q.device)
-
         nd = meta.num_decodes
+        dec = self._decode(q[:nd], kv_cache, layer, meta, nkv) if nd else None
+        if not meta.prefills:
+            return dec.reshape(T, nh * d)
+        out = torch.empty(T, nh, d, dtype=q.dtype, device=q.device)
         if nd:
-            dec = self._decode(q[:nd], kv_cache, layer, meta, nkv)
-            if not meta.prefills:
-                return dec.reshape(T, nh * d)
             out[:nd] = dec
 
         # SDPA gets 4-D [1, heads, len, dim] inputs: with 3-D ones torch takes a path several
@@ -91,11 +95,11 @@ class TorchAttentionBackend:
         s = torch.bmm(q, k.transpose(1, 2))  # [D, nh, L * nkv]
         # [D, kv_head, g, L, kv_head] -> its own kv head -> [D, g, kv_head, L]
         s = s.view(D, nkv, g, L, nkv).diagonal(dim1=1, dim2=4).transpose(2, 3)
-        s = torch.add(meta.decode_bias, s, alpha=d ** -0.5)  # float32
+        state = meta.backend_state
+        s = torch.add(state["bias"], s, alpha=d ** -0.5)  # float32
         p = s.softmax(dim=-1).to(q.dtype)  # [D, g, kv_head, L]; padding gets exactly 0
         bs = meta.block_size
         rows = kv_cache.view(-1, d)[(layer * 2 + 1) * bs * nkv :]  # this layer's V, block 0 on
-        state = meta.backend_state
         o = F.embedding_bag(state["pv_index"], rows, state["pv_offsets"], mode="sum",
                             per_sample_weights=p.reshape(-1))
         return o.view(D, g, nkv, d).transpose(1, 2).reshape(D, nh, d)

@@ -37,6 +37,7 @@ class Linear:
         self.packed = None
         if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _mkldnn_linear_ok():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+            self.weight = None  # the packed copy is the one used; don't keep both
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
