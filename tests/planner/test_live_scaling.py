@@ -245,6 +245,7 @@ def test_decode_pool_follows_a_load_step(tmp_path):
         health = _HealthLog(base)
         health.wait(lambda n: n == 1, 30, "serve's decode worker in /health")
         serve_pids = _serve_worker_pids(serve.proc.pid)
+        assert serve_pids, "serve's own worker processes not found"
 
         # 3. the planner loop, in-process
         # A 3-tick moving average bridges a tick with no completion; corrections are off

@@ -199,7 +199,15 @@ async def test_candidates_the_router_does_not_follow_are_picked_locally():
         assert w is stranger and remote.fallback_picks >= 1
         assert router_view(service).load.num_requests() == 0
         # A synchronous pick cannot ask the router: the pool's least-loaded choice.
-        assert pool.pick("decode", prompt(0)).role == "decode"
+        busy = {w.worker_id: w for w in pool.workers("decode")}
+        for wid, w in busy.items():
+            w.in_flight = 0 if wid == "decode-1" else 5
+        picks = remote.fallback_picks
+        assert pool.pick("decode", prompt(0)) is busy["decode-1"]
+        assert remote.fallback_picks == picks + 1
+        assert router_view(service).load.num_requests() == 0
+        for w in busy.values():
+            w.in_flight = 0
     finally:
         await teardown(ws, service, fes)
 
