@@ -51,8 +51,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         #: KV transport (splitserve.kv_transfer) for requests carrying a KV handle.
         self.transport = transport
         self.pull_timeout_s = pull_timeout_s
-        #: prefill worker id -> (its TransportInfo metadata, our peer name).
-        self._peers: dict[str, tuple[bytes, str]] = {}
+        #: transport peer name by the prefill worker's agent name (a restarted worker that
+        #: keeps its id comes back with a new agent, so it is asked again).
+        self._peers: dict[str, str] = {}
         self.num_kv_pulls = 0
         self.num_kv_pull_failures = 0
         #: request ids inside a Generate call right now.
@@ -184,9 +185,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def _peer(self, handle) -> str:
         """Our transport's peer name for the prefill worker of `handle` (asked once)."""
-        known = self._peers.get(handle.worker_id)
+        known = self._peers.get(handle.agent_name)
         if known is not None:
-            return known[1]
+            return known
         import grpc
 
         from splitserve.runtime.grpc_util import GRPC_OPTIONS
@@ -195,7 +196,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             info = await worker_pb2_grpc.WorkerStub(ch).TransportInfo(
                 worker_pb2.TransportInfoRequest(), timeout=self.pull_timeout_s)
         peer = await self.transport.add_peer(info.metadata)
-        self._peers[handle.worker_id] = (info.metadata, peer)
+        self._peers[handle.agent_name] = peer
         return peer
 
     async def _release_remote(self, handle, rid: str) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from splitserve.frontend.errors import NoWorkerAvailable, OpenAIError
+from splitserve.frontend.errors import NoWorkerAvailable
 from splitserve.frontend.worker_pool import WorkerClient, WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -55,13 +55,6 @@ def prefill_queue(w: WorkerClient) -> int:
     return max(waiting, w.in_flight)
 
 
-async def uncached_tokens(pool: WorkerPool, prompt: Sequence[int]) -> int:
-    """Prompt tokens no decode worker holds (the router's index answers when it is wired;
-    without it every token counts as uncached)."""
-    estimate = getattr(pool, "uncached_tokens_async", None)
-    return len(prompt) if estimate is None else int(await estimate(prompt))
-
-
 async def choose_prefill(pool: WorkerPool, prompt: Sequence[int], config: DisaggConfig,
                          request_id: str | None = None) -> WorkerClient | None:
     """The prefill worker for this prompt, or None to prefill on the decode worker (also
@@ -70,7 +63,7 @@ async def choose_prefill(pool: WorkerPool, prompt: Sequence[int], config: Disagg
     if not workers:
         return None
     if (config.max_local_prefill_tokens
-            and await uncached_tokens(pool, prompt) <= config.max_local_prefill_tokens):
+            and await pool.uncached_tokens_async(prompt) <= config.max_local_prefill_tokens):
         return None
     full = [w.worker_id for w in workers if prefill_queue(w) >= config.max_prefill_queue]
     if len(full) == len(workers):
@@ -116,4 +109,4 @@ async def remote_prefill(pool: WorkerPool, request: Any, config: DisaggConfig,
 
 
 __all__ = ["DisaggConfig", "DEFAULT_MAX_LOCAL_PREFILL_TOKENS", "choose_prefill",
-           "remote_prefill", "OpenAIError"]
+           "remote_prefill"]

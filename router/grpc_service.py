@@ -76,7 +76,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Follow the workers, serve on host:port (0: a free port); the bound port."""
-        from splitserve.runtime.grpc_util import GRPC_OPTIONS
+        from splitserve.runtime.grpc_util import GRPC_OPTIONS, loopback_target
 
         for role, address in self._static:
             self.pool.add(static_worker_id(role, address), role, address)
@@ -91,7 +91,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self._server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
         router_pb2_grpc.add_RouterServicer_to_server(self, self._server)
         try:
-            bound = self._server.add_insecure_port(_bind_target(host, port))
+            bound = self._server.add_insecure_port(loopback_target(host, port))
         except RuntimeError:  # grpc's way of saying the bind failed
             bound = 0
         if bound == 0:
@@ -205,10 +205,6 @@ class RouterService(router_pb2_grpc.RouterServicer):
         ok = any(s != "connecting" for s in states)
         return router_pb2.RouterHealthResponse(status="ok" if ok else "no_workers",
                                                num_workers=len(self.pool.workers()))
-
-
-def _bind_target(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def serve_until(service: RouterService, stop: asyncio.Event, host: str, port: int,

@@ -169,6 +169,11 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "ray", None) is not None:
         from splitserve.runtime.ray.launcher import run_on_ray
 
+        if getattr(args, "pin_workers", False):
+            # the cores this driver may use say nothing of the nodes Ray places workers on
+            print("splitserve serve: --pin-workers does not apply with --ray", file=sys.stderr)
+            return 2
+
         return run_on_ray(args)
     if args.decode_workers < 1:
         print("splitserve serve: --decode-workers must be >= 1", file=sys.stderr)

@@ -67,3 +67,10 @@ def test_worker_cores_wrap_around_in_runs_of_the_thread_count():
     runs = [next(gen)[1] for _ in range(len(cores))]
     flat = ",".join(runs).split(",")
     assert flat == [str(c) for c in (cores * 2)[: 2 * len(cores)]]
+
+
+def test_serve_refuses_pinning_on_ray(capsys):
+    from splitserve.runtime.serve_cli import run
+
+    assert run(_serve_args("--ray", "--pin-workers")) == 2
+    assert "--pin-workers does not apply with --ray" in capsys.readouterr().err
