@@ -15,7 +15,6 @@ the same times.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import queue
@@ -193,41 +192,13 @@ async def wait_router_follows(client: Any, base: str, n: int, timeout: float) ->
         await asyncio.sleep(0.2)
 
 
-async def one_request(client: Any, base: str, model: str, item: Item, osl: int,
-                      timeout: float) -> Result:
-    res = Result(item.prefix, len(item.prompt), item.at)
-    body = {"model": model, "prompt": item.prompt, "max_tokens": osl, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    try:
-        async with client.stream("POST", base + "/v1/completions", json=body,
-                                 timeout=timeout) as r:
-            if r.status_code != 200:
-                res.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
-                return res
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
-                    break
-                msg = json.loads(data)
-                if "error" in msg:
-                    res.error = str(msg["error"].get("message", "error"))
-                    return res
-                if res.ttft is None and any(c.get("text") for c in msg.get("choices") or ()):
-                    res.ttft = time.perf_counter() - start
-                usage = msg.get("usage")
-                if usage:
-                    details = usage.get("prompt_tokens_details") or {}
-                    res.cached_tokens = int(details.get("cached_tokens") or 0)
-        res.e2e = time.perf_counter() - start
-        res.ok = res.ttft is not None
-        if not res.ok:
-            res.error = "no tokens received"
-    except Exception as exc:  # noqa: BLE001 - a failed request is a result
-        res.error = f"{type(exc).__name__}: {exc}"
-    return res
+async def one_request(client: Any, base: str, model: str, item: Item, osl: int) -> Result:
+    """One streamed completion (bench/serve.py's client), as this benchmark's Result."""
+    from splitserve.bench.serve import one_request as stream_one
+
+    r = await stream_one(client, base + "/v1", model, item.prompt, osl, 0.0)
+    return Result(item.prefix, len(item.prompt), item.at, ok=r.ok, error=r.error, ttft=r.ttft,
+                  e2e=r.e2e, cached_tokens=r.cached_tokens)
 
 
 async def drive(cfg: LiveConfig, base: str, work: list[Item], progress: bool
@@ -244,7 +215,7 @@ async def drive(cfg: LiveConfig, base: str, work: list[Item], progress: bool
         rng = random.Random(cfg.seed + 99)
         warm = [Item(-1, [rng.randrange(*TOKEN_ID_RANGE) for _ in range(24)], 0.0)
                 for _ in range(4)]
-        await asyncio.gather(*(one_request(client, base, model, w, 2, cfg.request_timeout_s)
+        await asyncio.gather(*(one_request(client, base, model, w, 2)
                                for w in warm))
         bar = None
         if progress:
@@ -256,8 +227,7 @@ async def drive(cfg: LiveConfig, base: str, work: list[Item], progress: bool
 
         async def fire(item: Item) -> None:
             await asyncio.sleep(max(0.0, item.at - (time.perf_counter() - t0)))
-            results.append(await one_request(client, base, model, item, cfg.osl,
-                                             cfg.request_timeout_s))
+            results.append(await one_request(client, base, model, item, cfg.osl))
             if bar is not None:
                 bar.update(1)
 

@@ -88,6 +88,8 @@ class RequestResult:
     itls: list[float] = field(default_factory=list)
     #: Start time relative to the benchmark start (seconds).
     start: float = 0.0
+    #: Prompt tokens the server answered from its prefix cache (usage.prompt_tokens_details).
+    cached_tokens: int = 0
 
     @property
     def tpot(self) -> float | None:
@@ -141,6 +143,8 @@ async def one_request(client, url: str, model: str, prompt: list[int], max_token
                 now = time.perf_counter()
                 if msg.get("usage"):
                     res.output_len = int(msg["usage"]["completion_tokens"])
+                    details = msg["usage"].get("prompt_tokens_details") or {}
+                    res.cached_tokens = int(details.get("cached_tokens") or 0)
                 if any(c.get("text") for c in msg.get("choices") or ()):
                     if last is None:
                         res.ttft = now - start

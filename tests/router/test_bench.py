@@ -3,6 +3,8 @@ part's workload, summary and report keys (its servers replaced by a stub)."""
 
 import json
 
+import pytest
+
 from splitserve.runtime.cli import build_parser
 
 
@@ -74,3 +76,20 @@ def test_live_report_keys(monkeypatch, tmp_path):
     kv = report["live"]["modes"]["kv"]
     assert kv["completed"] == 5 and kv["routed_per_worker"] == {"decode-0": 5.0}
     assert "route_p99_ms" not in report                     # --live-only
+
+
+@pytest.mark.live
+def test_live_part_on_a_real_server_tiny():
+    """The live part end to end: real `serve` (2 workers), the real streaming client; the
+    repeated system prompts come back as prefix-cache hits the workers report."""
+    from splitserve.bench.router_live import LiveConfig, run_live
+    from tests.helpers.serve import skip_without_model
+
+    skip_without_model()
+    cfg = LiveConfig(modes=("kv",), num_prefixes=2, prefix_tokens=128, num_requests=6,
+                     rate=2.0, osl=4, kv_cache_memory="32MiB", max_model_len=512)
+    report = run_live(cfg)
+    kv = report["modes"]["kv"]
+    assert kv["completed"] == 6 and kv["failed"] == 0
+    assert report["ttft_p50_ms"]["kv"] > 0
+    assert report["prefix_hit_rate"]["kv"] > 0  # 6 requests over 2 prefixes: repeats hit
