@@ -161,6 +161,13 @@ class AsyncEngine:
         self._send(("call", fn, fut))
         return await fut
 
+    def post(self, fn: Callable[[Engine], Any]) -> None:
+        """Run fn(engine) on the engine thread between steps without waiting for it; an
+        exception it raises is logged. For callers that must not wait out a running step."""
+        if not self.alive:
+            raise EngineDeadError("engine is not running")
+        self._send(("call", fn, None))
+
     def _send(self, cmd: tuple) -> None:
         self._inbox.put(cmd)
         self._wake.set()
@@ -197,13 +204,16 @@ class AsyncEngine:
                     self._deliver(cmd[1], out)
             elif kind == "call":
                 _, fn, fut = cmd
-                loop = fut.get_loop()
                 try:
                     result = fn(eng)
                 except Exception as exc:
-                    loop.call_soon_threadsafe(_set_exception, fut, exc)
+                    if fut is None:
+                        logger.exception("posted engine call failed")
+                    else:
+                        fut.get_loop().call_soon_threadsafe(_set_exception, fut, exc)
                 else:
-                    loop.call_soon_threadsafe(_set_result, fut, result)
+                    if fut is not None:
+                        fut.get_loop().call_soon_threadsafe(_set_result, fut, result)
 
     def _flush_events(self) -> None:
         """Hand this step's KV events (block pool changes) to the sink's consumer."""

@@ -8,7 +8,7 @@ block i is the byte range [i * block_bytes, (i + 1) * block_bytes) from `data_pt
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
@@ -175,8 +175,10 @@ class KvTransport(Protocol):
         """Copy the peer's blocks into ours, pairwise; then send `notify_msg` to the peer."""
         ...
 
-    def notifications(self) -> AsyncIterator[Notification]:
-        """Notices from pullers, forever until close(); keep one consumer running."""
+    def notifications(self, expecting: Callable[[], bool] | None = None) -> AsyncIterator[Notification]:
+        """Notices from pullers, forever until close(); keep one consumer running.
+        expecting(): True while this side holds blocks pinned for pullers; a transport whose
+        pulls need this side's progress (NIXL) then polls more often."""
         ...
 
     async def close(self) -> None:

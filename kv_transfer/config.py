@@ -24,6 +24,13 @@ class KvTransferConfig:
     notify_poll_min_s: float = 0.001
     #: Longest wait between two looks for notifications when idle, seconds (serve side).
     notify_poll_max_s: float = 0.01
+    #: Wait between two looks for notifications while pulls are expected (blocks pinned),
+    #: seconds. Under UCX's peer error handling a READ posted after an earlier notice waits
+    #: for the target's next progress call, so the serve side polls this often then.
+    notify_poll_busy_s: float = 0.0005
+    #: While pulls are expected, one job on the transport thread polls for up to this long
+    #: (returning at the first notice), seconds: fewer thread hops than one job per look.
+    notify_busy_window_s: float = 0.02
     #: gRPC fallback: address the block server binds (loopback by default; "0.0.0.0" on a cluster).
     host: str = "127.0.0.1"
     #: gRPC fallback: address peers dial; None: `host`.
@@ -37,7 +44,8 @@ class KvTransferConfig:
     nixl_progress_thread: bool = False
 
     def __post_init__(self) -> None:
-        for field_name in ("timeout_s", "poll_min_s", "poll_max_s", "notify_poll_min_s", "notify_poll_max_s"):
+        for field_name in ("timeout_s", "poll_min_s", "poll_max_s", "notify_poll_min_s", "notify_poll_max_s",
+                           "notify_poll_busy_s", "notify_busy_window_s"):
             value = getattr(self, field_name)
             if not value > 0:
                 raise ValueError(f"KvTransferConfig.{field_name} must be > 0, got {value!r}")

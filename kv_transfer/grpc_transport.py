@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import warnings
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -228,7 +228,8 @@ class GrpcTransport:
 
         return self._pool.index_select(0, torch.from_numpy(ids.astype(np.int64)).to(self._pool.device)).cpu().numpy().tobytes()
 
-    async def notifications(self) -> AsyncIterator[Notification]:
+    async def notifications(self, expecting: Callable[[], bool] | None = None) -> AsyncIterator[Notification]:
+        # notices arrive with the pull's last request; nothing to poll
         while not self._closed:
             note = await self._notices.get()
             if note is None:

@@ -11,7 +11,11 @@ Lifecycle of one worker's transport:
      READ and polls its state; then the handle is released (success, error, timeout and
      cancellation alike) and `notify_msg` goes to the peer as a NIXL notification.
   4. Serve side: notifications() polls get_new_notifs(); that call also drives the agent's UCX
-     progress, which the first READ of every new peer (connection wire-up) waits for.
+     progress, which the first READ of every new peer (connection wire-up) waits for, and,
+     under UCX's peer error handling, every READ posted after an earlier notice (measured on
+     loopback: such a READ from a target that does not poll stalls until it does). So the
+     serve side polls every notify_poll_busy_s while it holds blocks pinned for pullers, and
+     backs off to notify_poll_max_s when it holds none.
   5. close(): release descriptor lists, forget peers, deregister the pool, drop the agent.
 
 Threading: every agent call runs on one thread per transport (the agent is created without
@@ -322,11 +326,15 @@ class NixlTransport:
         return len(self._unreleased)
 
     # -- serve side ----------------------------------------------------------------------------
-    async def notifications(self) -> AsyncIterator[Notification]:
+    async def notifications(self, expecting: Callable[[], bool] | None = None) -> AsyncIterator[Notification]:
         delay = self.config.notify_poll_min_s
         while not self._closed:
+            busy = expecting is not None and expecting()
             try:
-                notifs = await self._call(self._agent.get_new_notifs)
+                if busy:
+                    notifs = await self._call(self._poll_window_sync)
+                else:
+                    notifs = await self._call(self._agent.get_new_notifs)
             except Exception as exc:  # noqa: BLE001
                 if self._closed:
                     return
@@ -337,9 +345,19 @@ class NixlTransport:
                     peer_name = peer.decode() if isinstance(peer, bytes) else str(peer)
                     for msg in msgs:
                         yield Notification(peer_name, bytes(msg))
-            else:
+            elif not busy:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.notify_poll_max_s)
+
+    def _poll_window_sync(self) -> dict:
+        """Look for notices every notify_poll_busy_s for up to notify_busy_window_s; return at
+        the first. Each look also progresses UCX, which pending READs of our blocks need."""
+        end = time.monotonic() + self.config.notify_busy_window_s
+        while True:
+            notifs = self._agent.get_new_notifs()
+            if notifs or self._closed or time.monotonic() >= end:
+                return notifs
+            time.sleep(self.config.notify_poll_busy_s)
 
     # -- teardown ------------------------------------------------------------------------------
     async def close(self) -> None:

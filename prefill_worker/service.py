@@ -56,12 +56,19 @@ class PrefillWorkerServicer(WorkerServicer):
             self._notify_task = None
 
     async def _consume_notifications(self) -> None:
-        async for note in self.transport.notifications():
+        """Free each pulled request's blocks. The release is posted, not awaited: awaiting
+        it would park this loop behind the engine's running step, and the loop's polling is
+        also what drives this transport's progress while a decode worker reads."""
+        async for note in self.transport.notifications(expecting=self._has_pinned):
             rid = note.msg.decode(errors="replace")
             try:
-                await self.engine.call(lambda e, rid=rid: e.release_pinned(rid))
+                self.engine.post(lambda e, rid=rid: e.release_pinned(rid))
             except Exception:  # noqa: BLE001 - engine going down
                 logger.debug("release of %s failed", rid, exc_info=True)
+
+    def _has_pinned(self) -> bool:
+        eng = getattr(self.engine, "engine", None)
+        return eng is not None and bool(eng.scheduler.pinned)
 
     def extra_stats(self) -> dict[str, Any]:
         out = super().extra_stats()

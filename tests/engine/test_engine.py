@@ -134,3 +134,33 @@ async def test_async_engine_streams_and_abort_frees():
         assert st.num_free_blocks == st.num_total_blocks and st.num_running == 0
     finally:
         await a.shutdown()
+
+
+async def test_async_engine_post_runs_in_order_without_waiting(caplog):
+    """post() queues work for the engine thread and returns at once; a failing post is
+    logged and the engine goes on."""
+    import threading
+    import time
+
+    eng = tiny_engine()
+    a = AsyncEngine(eng.config, engine=eng)
+    await a.start()
+    try:
+        seen: list[tuple[int, str]] = []
+        gate = threading.Event()
+        busy = asyncio.create_task(a.call(lambda e: gate.wait(10)))  # the engine thread is held
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        a.post(lambda e: seen.append((1, threading.current_thread().name)))
+        a.post(lambda e: 1 / 0)
+        a.post(lambda e: seen.append((2, threading.current_thread().name)))
+        assert time.monotonic() - t0 < 0.5 and not seen  # nothing ran yet: no waiting
+        gate.set()
+        await busy
+        names = await a.call(lambda e: list(seen))
+        assert [n for n, _ in names] == [1, 2]
+        assert all(name != threading.current_thread().name for _, name in names)
+        assert "posted engine call failed" in caplog.text
+        assert a.alive
+    finally:
+        await a.shutdown()

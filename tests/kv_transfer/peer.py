@@ -1,4 +1,5 @@
-"""A serve-side KV transport in a child process (spawn): pools of known bytes, notices back.
+"""A serve-side KV transport in a child process (spawn): pools of known bytes, notices back;
+and pull_in_child, a pulling side in a child process.
 
 The child builds one transport per dtype over a pool whose block i holds `block_pattern(i)`,
 sends each transport's metadata, forwards every notification to the parent, and on "stop"
@@ -75,6 +76,38 @@ async def _serve(kind, dtypes, prefix, grpc_chunk_bytes, cmd_conn, evt_conn) -> 
         except asyncio.TimeoutError:
             task.cancel()
     evt_conn.send(("closed", {dt: getattr(t, "num_unreleased", 0) for dt, t in transports.items()}))
+
+
+def pull_in_child(metadata: bytes, shape: tuple, handles: list[tuple[str, list[int]]], gap_s: float,
+                  conn) -> None:
+    """Child process: a NIXL transport over an empty pool like the worker's; pull each
+    handle's blocks (with its request id as the notice), `gap_s` apart, and report each
+    pull's end time."""
+    import torch
+
+    from splitserve.kv_transfer import create_transport
+
+    async def run() -> list[float]:
+        pool = torch.zeros(shape, dtype=torch.float32)
+        t = await create_transport("nixl", "puller", pool)
+        try:
+            peer = await t.add_peer(metadata)
+            conn.send(("ready", time.time()))
+            conn.recv()  # go
+            ends = []
+            for i, (rid, blocks) in enumerate(handles):
+                if i:
+                    await asyncio.sleep(gap_s)
+                await t.pull(peer, blocks, list(range(len(blocks))), notify_msg=rid.encode(), timeout_s=30)
+                ends.append(time.time())
+            return ends
+        finally:
+            await t.close()
+
+    try:
+        conn.send(("done", asyncio.run(run())))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        conn.send(("error", repr(exc)))
 
 
 class PeerProcess:
