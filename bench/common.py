@@ -45,6 +45,17 @@ def percentile(values: list[float], q: float) -> float | None:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
+def stats_ms(values_s: list[float]) -> dict[str, float | None]:
+    """Mean and p50/p90/p99 in milliseconds of durations given in seconds (None if empty)."""
+    ms = [v * 1000.0 for v in values_s]
+    return {
+        "mean": sum(ms) / len(ms) if ms else None,
+        "p50": percentile(ms, 50),
+        "p90": percentile(ms, 90),
+        "p99": percentile(ms, 99),
+    }
+
+
 def emit(result: dict, path: str | None) -> None:
     """Print the JSON result to stdout and write it to `path` when given."""
     text = json.dumps(result, indent=2, sort_keys=False)

@@ -55,6 +55,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from splitserve.kv_transfer.config import TRANSPORT_KINDS
+
 logger = logging.getLogger(__name__)
 
 #: serve flags of each setup, in the order they run (the first one is calibrated).
@@ -592,7 +594,7 @@ def register(subparsers) -> None:
     p.add_argument("--isl-range", type=int, nargs=2, default=(1024, 2048), metavar=("LO", "HI"))
     p.add_argument("--osl-range", type=int, nargs=2, default=(64, 128), metavar=("LO", "HI"))
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--kv-transport", default="auto", choices=("auto", "nixl", "grpc"))
+    p.add_argument("--kv-transport", default="auto", choices=TRANSPORT_KINDS)
     p.add_argument("--max-prefill-queue", type=int, default=None,
                    help="disaggregated frontend's --max-prefill-queue (default: serve's)")
     p.add_argument("--no-pin-workers", action="store_true",

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import queue
 import random
 import re
-import subprocess
 import sys
-import threading
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+from splitserve.bench.disagg import ServeProcess
 
 logger = logging.getLogger(__name__)
 
@@ -114,62 +114,6 @@ class Result:
 
 
 # -- the server ----------------------------------------------------------------------------
-class Server:
-    """`splitserve serve` as a child process; its output is drained by a thread."""
-
-    def __init__(self, cfg: LiveConfig, mode: str) -> None:
-        self.argv = [
-            sys.executable, "-m", "splitserve.runtime.cli", "--log-level", "WARNING", "serve",
-            "--model", cfg.model, "--port", "0", "--decode-workers", "2",
-            "--num-threads-per-worker", "1", "--dtype", "bfloat16",
-            "--kv-cache-memory", cfg.kv_cache_memory, "--max-model-len", str(cfg.max_model_len),
-            "--stats-interval", "0.2", "--router-mode", mode, *cfg.extra_serve_flags,
-        ]
-        self.timeout = cfg.ready_timeout_s
-        self.proc: subprocess.Popen | None = None
-        self.url: str | None = None
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self.tail: list[str] = []
-
-    def start(self) -> str:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, text=True, env=env)
-        threading.Thread(target=self._drain, daemon=True).start()
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._lines.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            m = re.search(r"serving .* at (http://\S+)/v1", line)
-            if m:
-                self.url = m.group(1)
-                return self.url
-        self.stop()
-        raise RuntimeError("splitserve serve did not start:\n" + "".join(self.tail[-30:]))
-
-    def _drain(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.tail = (self.tail + [line])[-200:]
-            if self.url is None:
-                self._lines.put(line)
-        self._lines.put(None)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 # -- the client ----------------------------------------------------------------------------
 async def scrape(client: Any, base: str) -> str:
     return (await client.get(base + "/metrics")).text
@@ -278,21 +222,23 @@ def run_live(cfg: LiveConfig, progress: bool = False) -> dict[str, Any]:
     report keys (`ttft_p50_ms.<mode>` with '-' as '_', p90, prefix-hit rate)."""
     work = make_workload(cfg)
     per_mode: dict[str, Any] = {}
-    for mode in cfg.modes:
-        logger.info("bench router live: mode %s", mode)
-        server = Server(cfg, mode)
-        t = time.monotonic()
-        try:
-            base = server.start()
-            startup = time.monotonic() - t
-            results, text, duration = asyncio.run(drive(cfg, base, work, progress))
-        finally:
-            server.stop()
-        per_mode[mode] = {"startup_s": startup, **summarize(results, text, duration)}
-        if progress:
-            s = per_mode[mode]
-            print(f"{mode}: TTFT p50 {s['ttft_p50_ms']:.0f} ms, p90 {s['ttft_p90_ms']:.0f} ms, "
-                  f"prefix hits {s['prefix_hit_rate']:.2f}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="bench-router-") as logdir:
+        for mode in cfg.modes:
+            logger.info("bench router live: mode %s", mode)
+            flags = ["--model", cfg.model, "--port", "0", "--decode-workers", "2",
+                     "--num-threads-per-worker", "1", "--dtype", "bfloat16",
+                     "--kv-cache-memory", cfg.kv_cache_memory, "--max-model-len", str(cfg.max_model_len),
+                     "--stats-interval", "0.2", "--router-mode", mode, *cfg.extra_serve_flags]
+            t = time.monotonic()
+            with ServeProcess(flags, {"decode": 2}, Path(logdir) / f"serve-{mode}.log",
+                              cfg.ready_timeout_s) as serve:
+                startup = time.monotonic() - t
+                results, text, duration = asyncio.run(drive(cfg, serve.url, work, progress))
+            per_mode[mode] = {"startup_s": startup, **summarize(results, text, duration)}
+            if progress:
+                s = per_mode[mode]
+                print(f"{mode}: TTFT p50 {s['ttft_p50_ms']:.0f} ms, p90 {s['ttft_p90_ms']:.0f} ms, "
+                      f"prefix hits {s['prefix_hit_rate']:.2f}", file=sys.stderr)
     key = {m: m.replace("-", "_") for m in cfg.modes}
     out: dict[str, Any] = {
         "ttft_p50_ms": {key[m]: per_mode[m]["ttft_p50_ms"] for m in cfg.modes},

@@ -160,19 +160,9 @@ async def one_request(client, url: str, model: str, prompt: list[int], max_token
     return res
 
 
-def _stats_ms(values: list[float]) -> dict[str, float | None]:
-    from splitserve.bench.common import percentile
-
-    ms = [v * 1000.0 for v in values]
-    return {
-        "mean": sum(ms) / len(ms) if ms else None,
-        "p50": percentile(ms, 50),
-        "p90": percentile(ms, 90),
-        "p99": percentile(ms, 99),
-    }
-
-
 def summarize(cfg: ServeBenchConfig, results: list[RequestResult], duration: float) -> dict[str, Any]:
+    from splitserve.bench.common import stats_ms
+
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_len for r in ok)
     in_tokens = sum(r.input_len for r in ok)
@@ -194,10 +184,10 @@ def summarize(cfg: ServeBenchConfig, results: list[RequestResult], duration: flo
         "input_throughput_tok_s": in_tokens / duration if duration else None,
         "total_output_tokens": out_tokens,
         "total_input_tokens": in_tokens,
-        "ttft_ms": _stats_ms([r.ttft for r in ok if r.ttft is not None]),
-        "itl_ms": _stats_ms([g for r in ok for g in r.itls]),
-        "tpot_ms": _stats_ms([r.tpot for r in ok if r.tpot is not None]),
-        "e2e_ms": _stats_ms([r.e2e for r in ok if r.e2e is not None]),
+        "ttft_ms": stats_ms([r.ttft for r in ok if r.ttft is not None]),
+        "itl_ms": stats_ms([g for r in ok for g in r.itls]),
+        "tpot_ms": stats_ms([r.tpot for r in ok if r.tpot is not None]),
+        "e2e_ms": stats_ms([r.e2e for r in ok if r.e2e is not None]),
         "slo": {"ttft_ms": cfg.slo_ttft_ms, "itl_ms": cfg.slo_itl_ms},
         "slo_attainment": len(good) / len(results) if results else None,
         "goodput_rps": len(good) / duration if duration else None,

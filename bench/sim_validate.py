@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from splitserve.kv_transfer.config import TRANSPORT_KINDS
+
 logger = logging.getLogger(__name__)
 
 #: serve flags: 1 prefill + 1 decode worker, every prompt prefilled remotely.
@@ -78,8 +80,9 @@ class SimValidateConfig:
     #: Simulate the two workers as sharing this host's cores (they do: serve runs both here),
     #: with the profile's measured co-location slowdowns (`splitserve profile --colocation`).
     colocated: bool = True
-    #: The prefill worker's step token budget (serve's --max-num-batched-tokens default).
-    prefill_max_batched_tokens: int = 2048
+    #: The prefill worker's step token budget when it packs queued prompts into one step;
+    #: None: one prompt per step, as a CPU prefill worker runs (--max-num-seqs 1 default).
+    prefill_max_batched_tokens: int | None = None
     #: Simulator decode step (s): small against the ITL so the fluid step is near exact.
     decode_dt_s: float = 0.005
     #: Relative error of the means that counts as a match.
@@ -145,20 +148,13 @@ def simulate_static(trace, profile, kv_transfer_ms: float = 0.0, decode_dt_s: fl
     return simulate(trace, profile, StaticPolicy("static_1p1d", 1, 1), cfg)
 
 
-def _stats(values_ms: list[float]) -> dict[str, float | None]:
-    from splitserve.bench.common import percentile
-
-    if not values_ms:
-        return {"mean": None, "p50": None, "p90": None}
-    return {"mean": sum(values_ms) / len(values_ms), "p50": percentile(values_ms, 50),
-            "p90": percentile(values_ms, 90)}
-
-
 def measured_latencies(results: list) -> dict[str, dict[str, float | None]]:
-    """Mean/p50/p90 (ms) of TTFT and of each request's TPOT over the completed requests."""
+    """Mean/p50/p90/p99 (ms) of TTFT and of each request's TPOT over the completed requests."""
     ok = [r for r in results if r.ok]
-    return {"ttft_ms": _stats([r.ttft * 1e3 for r in ok if r.ttft is not None]),
-            "itl_ms": _stats([r.tpot * 1e3 for r in ok if r.tpot is not None])}
+    from splitserve.bench.common import stats_ms
+
+    return {"ttft_ms": stats_ms([r.ttft for r in ok if r.ttft is not None]),
+            "itl_ms": stats_ms([r.tpot for r in ok if r.tpot is not None])}
 
 
 def rel_error(simulated: float | None, measured: float | None) -> float | None:
@@ -302,7 +298,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-colocation", action="store_true",
                    help="simulate the workers as if each had its own host (the pools model alone)")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "grpc"])
+    p.add_argument("--kv-transport", default="auto", choices=TRANSPORT_KINDS)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 

@@ -59,6 +59,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         #: request ids inside a Generate call right now.
         self._active: set[str] = set()
         self._serving = True
+        #: one channel per prefill worker address (TransportInfo, ReleaseKv), closed on stop().
+        self._channels: dict[str, grpc.aio.Channel] = {}
 
     # -- lifecycle -----------------------------------------------------------------
     def set_serving(self, serving: bool) -> None:
@@ -68,6 +70,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     @property
     def num_active(self) -> int:
         return len(self._active)
+
+    async def stop(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for ch in channels:
+            await ch.close()
+
+    def _prefill_stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
+        """A stub on the (cached) channel to the prefill worker at `address`."""
+        ch = self._channels.get(address)
+        if ch is None:
+            from splitserve.runtime.grpc_util import GRPC_OPTIONS
+
+            ch = self._channels[address] = grpc.aio.insecure_channel(address, options=list(GRPC_OPTIONS))
+        return worker_pb2_grpc.WorkerStub(ch)
 
     # -- RPCs ------------------------------------------------------------------------
     async def Generate(self, request, context):  # noqa: N802 - gRPC method name
@@ -188,27 +204,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         known = self._peers.get(handle.agent_name)
         if known is not None:
             return known
-        import grpc
-
-        from splitserve.runtime.grpc_util import GRPC_OPTIONS
-
-        async with grpc.aio.insecure_channel(handle.address, options=list(GRPC_OPTIONS)) as ch:
-            info = await worker_pb2_grpc.WorkerStub(ch).TransportInfo(
-                worker_pb2.TransportInfoRequest(), timeout=self.pull_timeout_s)
+        info = await self._prefill_stub(handle.address).TransportInfo(
+            worker_pb2.TransportInfoRequest(), timeout=self.pull_timeout_s)
         peer = await self.transport.add_peer(info.metadata)
         self._peers[handle.agent_name] = peer
         return peer
 
     async def _release_remote(self, handle, rid: str) -> None:
         """Tell the prefill worker to free the request's pinned blocks (best effort)."""
-        import grpc
-
-        from splitserve.runtime.grpc_util import GRPC_OPTIONS
-
         try:
-            async with grpc.aio.insecure_channel(handle.address, options=list(GRPC_OPTIONS)) as ch:
-                await worker_pb2_grpc.WorkerStub(ch).ReleaseKv(
-                    worker_pb2.ReleaseKvRequest(request_id=rid), timeout=2.0)
+            await self._prefill_stub(handle.address).ReleaseKv(
+                worker_pb2.ReleaseKvRequest(request_id=rid), timeout=2.0)
         except Exception:  # noqa: BLE001 - its pin timeout frees the blocks anyway
             logger.debug("ReleaseKv of %s at %s failed", rid, handle.address, exc_info=True)
 

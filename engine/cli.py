@@ -19,7 +19,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="most requests running at once (default 64; a prefill worker on CPU: 1, "
+                        "i.e. one prompt per step, first come first served)")
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flashinfer"])
@@ -36,7 +38,8 @@ def engine_config_from_args(args: argparse.Namespace, **over):
         model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
         kv_cache_memory=parse_memory_size(args.kv_cache_memory) if args.kv_cache_memory else None,
         gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs if args.max_num_seqs is not None else EngineConfig.max_num_seqs,
         enable_chunked_prefill=not args.no_chunked_prefill,
         enable_prefix_caching=not args.no_prefix_caching,
         attention_backend=args.attention_backend, num_threads=args.num_threads,

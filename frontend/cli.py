@@ -78,8 +78,7 @@ def config_from_args(args: argparse.Namespace):
         router_address=getattr(args, "router_address", None),
         disagg=DisaggConfig(max_local_prefill_tokens=args.max_local_prefill_tokens,
                             max_prefill_queue=args.max_prefill_queue),
-        router=router_config_from_args(
-            args, max_local_prefill_tokens=args.max_local_prefill_tokens),
+        router=router_config_from_args(args),
     )
 
 
@@ -105,12 +104,12 @@ async def serve_frontend(config, workers: list[tuple[str, str]], log_level: str 
     import uvicorn
 
     from splitserve.frontend.app import create_app
-    from splitserve.frontend.worker_pool import WorkerPool
+    from splitserve.frontend.worker_pool import WorkerPool, static_worker_id
 
     log = logging.getLogger("splitserve.frontend")
     pool = WorkerPool(stats_interval_s=config.stats_interval_s)
     for role, address in workers:
-        pool.add(f"{role}@{address}", role, address)
+        pool.add(static_worker_id(role, address), role, address)
     app = create_app(config, pool)
 
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from splitserve.frontend.errors import NoWorkerAvailable
-from splitserve.frontend.worker_pool import WorkerClient, WorkerPool, least_loaded
+from splitserve.frontend.worker_pool import WorkerClient, WorkerPool, least_loaded, spawn_tracked
 from splitserve.router import NoWorkerAvailable as RouterBusy
 from splitserve.router import Role, Router, RouterConfig, Selection
 from splitserve.router.config import MODES
@@ -107,14 +107,6 @@ def router_argv(args: argparse.Namespace, block_size: int) -> list[str]:
     if cfg.seed is not None:
         out += ["--router-seed", str(cfg.seed)]
     return out
-
-
-def spawn_tracked(tasks: set[asyncio.Task], coro: Any, name: str) -> asyncio.Task:
-    """A task on the running loop, kept in `tasks` until it is done (to cancel at stop)."""
-    task = asyncio.get_running_loop().create_task(coro, name=name)
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)
-    return task
 
 
 # -- following workers --------------------------------------------------------------------

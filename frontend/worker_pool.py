@@ -33,6 +33,19 @@ ROLES = ("decode", "prefill")
 Selector = Callable[[Sequence["WorkerClient"], "Sequence[int] | None"], "WorkerClient"]
 
 
+def spawn_tracked(tasks: set[asyncio.Task], coro: Any, name: str) -> asyncio.Task:
+    """A task on the running loop, kept in `tasks` until it is done (to cancel at stop)."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    return task
+
+
+def static_worker_id(role: str, address: str) -> str:
+    """The pool id of a worker given by flag (`--decode-worker ADDR`), not by discovery."""
+    return f"{role}@{address}"
+
+
 class WorkerClient:
     """One worker seen from the frontend: its gRPC stub, last Stats, in-flight count."""
 
@@ -153,9 +166,7 @@ class WorkerPool:
             cb(worker_id)
         # A worker that deregistered is draining: its in-flight streams may finish, so
         # close the channel in the background with a grace period instead of cutting them.
-        task = asyncio.create_task(client.close(grace=self.drain_grace_s))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        spawn_tracked(self._closing, client.close(grace=self.drain_grace_s), f"close-{worker_id}")
         logger.info("worker %s removed", worker_id)
 
     def get(self, worker_id: str) -> WorkerClient | None:

@@ -76,8 +76,11 @@ class _Neighbour:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "_Neighbour":
+        from splitserve.runtime.process import death_signal_preexec
+
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                     preexec_fn=death_signal_preexec(os.getpid()))
         line = self.proc.stdout.readline()
         if "ready" not in line:
             self.__exit__()

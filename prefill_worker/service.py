@@ -54,6 +54,7 @@ class PrefillWorkerServicer(WorkerServicer):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._notify_task
             self._notify_task = None
+        await super().stop()
 
     async def _consume_notifications(self) -> None:
         """Free each pulled request's blocks. The release is posted, not awaited: awaiting

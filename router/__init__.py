@@ -17,7 +17,7 @@ from splitserve.router.errors import (
 )
 from splitserve.router.index import ApplyResult, KvIndex
 from splitserve.router.policy import Role
-from splitserve.router.router import RoutePlan, Router, Selection
+from splitserve.router.router import Router, Selection
 
 __all__ = [
     "ApplyResult",
@@ -27,7 +27,6 @@ __all__ = [
     "KvIndex",
     "NoWorkerAvailable",
     "Role",
-    "RoutePlan",
     "Router",
     "RouterConfig",
     "RouterError",

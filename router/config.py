@@ -47,9 +47,6 @@ class RouterConfig:
     #: Batches buffered per worker while it resyncs from a snapshot (beyond that: dropped,
     #: and a later gap asks for another snapshot).
     resync_buffer_batches: int = 1024
-    #: Disaggregated serving: prompts whose uncached part on the chosen decode worker is at
-    #: most this many tokens are prefilled there (local prefill) instead of remotely.
-    max_local_prefill_tokens: int = 512
     #: Seed of the router's own RNG (random mode, temperature sampling); None: unseeded.
     seed: int | None = None
 
@@ -77,8 +74,4 @@ class RouterConfig:
         if self.resync_buffer_batches < 0:
             raise ValueError(
                 f"resync_buffer_batches must be >= 0, got {self.resync_buffer_batches!r}"
-            )
-        if self.max_local_prefill_tokens < 0:
-            raise ValueError(
-                f"max_local_prefill_tokens must be >= 0, got {self.max_local_prefill_tokens!r}"
             )

@@ -30,7 +30,7 @@ import grpc
 
 from splitserve.frontend.errors import NoWorkerAvailable
 from splitserve.frontend.routing import KvRouting
-from splitserve.frontend.worker_pool import ROLES, WorkerClient, WorkerPool
+from splitserve.frontend.worker_pool import ROLES, WorkerClient, WorkerPool, static_worker_id
 from splitserve.proto import router_pb2, router_pb2_grpc
 from splitserve.router.config import RouterConfig
 
@@ -42,11 +42,6 @@ RETRY_AFTER_KEY = "splitserve-retry-after"
 #: Integer counters of RouterStatsResponse, as KvRouting.metrics() names them.
 _COUNTERS = ("requests", "remote_prefills", "prompt_blocks", "overlap_blocks", "no_worker",
              "indexed_blocks", "tracked_requests", "fallback_picks", "resyncs")
-
-
-def static_worker_id(role: str, address: str) -> str:
-    """The pool id of a worker given by flag (the frontend names them the same way)."""
-    return f"{role}@{address}"
 
 
 class RouterService(router_pb2_grpc.RouterServicer):

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from splitserve.frontend.errors import NoWorkerAvailable, OpenAIError
-from splitserve.frontend.routing import spawn_tracked
+from splitserve.frontend.worker_pool import spawn_tracked
 from splitserve.frontend.worker_pool import WorkerClient, WorkerPool, least_loaded
 from splitserve.frontend.worker_pool import _short
 

@@ -5,9 +5,10 @@ Lifecycle, as the frontend (or `splitserve router`) drives it:
      mismatch raises here; then its KV event stream feeds `apply_events(bytes)`; an
      `EventGap` from it means: fetch the worker's snapshot and pass it to `load_snapshot`;
      its Stats replies feed `update_stats`;
-  2. a request comes: `route(token_ids, request_id=...)` (or `select(...)` per pool) picks
-     the worker(s) and books the request in the load view; `NoWorkerAvailable` → 503 with
-     Retry-After `exc.retry_after_s`;
+  2. a request comes: `select(token_ids, role, request_id=...)` picks a worker of the role's
+     pool and books the request in the load view (disaggregated: once with Role.PREFILL,
+     once with Role.DECODE; whether to prefill remotely is the frontend's decision,
+     frontend/disagg.py); `NoWorkerAvailable` → 503 with Retry-After `exc.retry_after_s`;
   3. `on_first_token(request_id)` when its first token streams, `on_finished(request_id)`
      when it ends (finished, aborted or failed);
   4. the worker leaves: `remove_worker(id)` drops its blocks and its load.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from splitserve.engine.kv_hash import hash_token_blocks
 from splitserve.router.config import RouterConfig
@@ -46,18 +47,6 @@ class Selection:
     #: Full blocks of the prompt.
     num_blocks: int
     role: Role
-
-
-@dataclass(frozen=True, slots=True)
-class RoutePlan:
-    """Where one request goes: `prefill` is None when the decode worker prefills locally."""
-
-    decode: Selection
-    prefill: Selection | None = None
-
-    @property
-    def remote_prefill(self) -> bool:
-        return self.prefill is not None
 
 
 def _pool_of(role: Role) -> str:
@@ -183,38 +172,6 @@ class Router:
             self._commit(request_id, sel, token_ids, block_hashes)
         return sel
 
-    def route(
-        self,
-        token_ids: Sequence[int],
-        *,
-        request_id: str | None = None,
-        block_hashes: Sequence[int] | None = None,
-    ) -> RoutePlan:
-        """Pick the decode worker and, when the prompt's uncached part there is longer than
-        `max_local_prefill_tokens` and a prefill worker is free, a prefill worker. Without a
-        prefill pool this is select(role=aggregated). Books the request with `request_id`."""
-        matches = self._matches(token_ids, block_hashes)
-        n = len(token_ids)
-        if not self._pools["prefill"]:
-            plan = RoutePlan(self._select(Role.AGGREGATED, matches, n, ()))
-        else:
-            dec = self._select(Role.DECODE, matches, n, ())
-            plan = RoutePlan(replace(dec, role=Role.AGGREGATED))
-            uncached = n - dec.overlap_blocks * self.config.block_size
-            if uncached > self.config.max_local_prefill_tokens:
-                try:
-                    plan = RoutePlan(dec, self._select(Role.PREFILL, matches, n, ()))
-                except NoWorkerAvailable:
-                    pass  # prefill pool saturated: prefill on the decode worker
-        if request_id is not None:
-            if block_hashes is None:
-                block_hashes = self.hash_tokens(token_ids)  # once for both commits
-            self._commit(request_id, plan.decode, token_ids, block_hashes)
-            if plan.prefill is not None:
-                self._commit(request_id, plan.prefill, token_ids, block_hashes)
-                self._counters["remote_prefills"] += 1
-        return plan
-
     def _matches(
         self, token_ids: Sequence[int], block_hashes: Sequence[int] | None
     ) -> dict[str, int]:
@@ -272,6 +229,7 @@ class Router:
                 request_id, sel.worker_id, prefill_tokens=uncached, blocks=blocks,
                 prefill_only=True, block_hashes=hashes,
             )
+            self._counters["remote_prefills"] += 1
         else:
             self.load.on_routed(
                 request_id, sel.worker_id,

@@ -19,7 +19,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class ChildFailed(RuntimeError):
         self.returncode = returncode
 
 
-def _death_signal_preexec(parent_pid: int):
+def death_signal_preexec(parent_pid: int):
     """preexec_fn: die with the parent (Linux); a no-op elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
@@ -81,7 +82,7 @@ class ChildProcess:
             stderr=None,  # logs go straight to our stderr
             env=self.env,
             start_new_session=True,
-            preexec_fn=_death_signal_preexec(os.getpid()),
+            preexec_fn=death_signal_preexec(os.getpid()),
             text=True,
             bufsize=1,
         )
@@ -207,3 +208,45 @@ class ProcessGroup:
 def splitserve_argv(*args: str) -> list[str]:
     """argv that runs `splitserve <args>` with this interpreter (no PATH lookup)."""
     return [sys.executable, "-m", "splitserve.runtime.cli", *args]
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[tuple[threading.Event, list[int]]]:
+    """(stop, signals): SIGINT/SIGTERM set `stop` and are appended to `signals` while inside;
+    the previous handlers come back on exit."""
+    stop = threading.Event()
+    signals: list[int] = []
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        signals.append(signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop, signals
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def serving_banner(model: str, url: str, decode: int, prefill: int, where: str = "") -> str:
+    """The line `splitserve serve` prints once it serves (tools wait for it)."""
+    pools = f"{decode} decode worker{'s' if decode != 1 else ''}"
+    if prefill:
+        pools += f", {prefill} prefill worker{'s' if prefill != 1 else ''}"
+    return f"splitserve: serving {model} at {url}/v1 ({pools}{where}); Ctrl-C to stop"
+
+
+def check_serve_args(args: Any) -> str | None:
+    """What is wrong with `serve`'s pool and router flags (local and Ray alike), or None."""
+    if args.decode_workers < 1:
+        return "--decode-workers must be >= 1"
+    if getattr(args, "prefill_workers", 0) < 0:
+        return "--prefill-workers must be >= 0"
+    from splitserve.frontend.routing import router_config_from_args
+
+    try:
+        router_config_from_args(args)
+    except ValueError as exc:
+        return str(exc)
+    return None

@@ -12,6 +12,7 @@ die with us even if we are SIGKILLed (parent-death signal).
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -158,14 +159,15 @@ def wait_healthy(url: str, num_decode: int, timeout: float, stop, group,
 
 def run(args: argparse.Namespace) -> int:
     import logging
-    import os
-    import signal
     import sys
-    import threading
 
-    from splitserve.runtime.process import ChildFailed, ProcessGroup
+    from splitserve.runtime.process import check_serve_args, stop_on_signals
 
     log = logging.getLogger("splitserve.serve")
+    problem = check_serve_args(args)
+    if problem is not None:
+        print(f"splitserve serve: {problem}", file=sys.stderr)
+        return 2
     if getattr(args, "ray", None) is not None:
         from splitserve.runtime.ray.launcher import run_on_ray
 
@@ -175,28 +177,16 @@ def run(args: argparse.Namespace) -> int:
             return 2
 
         return run_on_ray(args)
-    if args.decode_workers < 1:
-        print("splitserve serve: --decode-workers must be >= 1", file=sys.stderr)
-        return 2
-    if args.prefill_workers < 0:
-        print("splitserve serve: --prefill-workers must be >= 0", file=sys.stderr)
-        return 2
-    try:
-        from splitserve.frontend.routing import router_config_from_args
+    with stop_on_signals() as (stop, signals):
+        return _serve_local(args, stop, signals, log)
 
-        router_config_from_args(args)
-    except ValueError as exc:
-        print(f"splitserve serve: {exc}", file=sys.stderr)
-        return 2
 
-    stop = threading.Event()
-    signals: list[int] = []
+def _serve_local(args: argparse.Namespace, stop: Any, signals: list[int], log: Any) -> int:
+    """Workers and frontend as local child processes until a signal or a fatal exit."""
+    import os
 
-    def on_signal(signum, frame):  # noqa: ARG001
-        signals.append(signum)
-        stop.set()
+    from splitserve.runtime.process import ChildFailed, ProcessGroup, serving_banner
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     group = ProcessGroup()
     worker_env = dict(os.environ)
     if args.num_threads is not None:
@@ -218,11 +208,7 @@ def run(args: argparse.Namespace) -> int:
         url = event.get("url") or f"http://{args.host}:{event.get('port', args.port)}"
         wait_healthy(url, args.decode_workers, args.ready_timeout, stop, group,
                      num_prefill=args.prefill_workers)
-        n, m = args.decode_workers, args.prefill_workers
-        print(f"splitserve: serving {args.model} at {url}/v1 "
-              f"({n} decode worker{'s' if n != 1 else ''}"
-              f"{f', {m} prefill worker' + ('s' if m != 1 else '') if m else ''}); "
-              "Ctrl-C to stop", flush=True)
+        print(serving_banner(args.model, url, args.decode_workers, args.prefill_workers), flush=True)
         reported: set[str] = set()
         while not stop.wait(0.2):
             dead = group.first_exited(ignore=reported)
@@ -250,5 +236,3 @@ def run(args: argparse.Namespace) -> int:
         group.stop_all()
         if cleanup_dir is not None:
             _remove_dir(cleanup_dir)
-        for s, handler in previous.items():
-            signal.signal(s, handler)

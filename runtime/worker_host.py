@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from splitserve.engine.config import EngineConfig
+from splitserve.kv_transfer.config import TRANSPORT_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,8 @@ class WorkerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.shutdown_grace_s < 0:
             raise ValueError("shutdown_grace_s must be >= 0")
-        if self.kv_transport not in ("auto", "nixl", "grpc", "none"):
-            raise ValueError(f"kv_transport must be auto|nixl|grpc|none, got {self.kv_transport!r}")
+        if self.kv_transport not in (*TRANSPORT_KINDS, "none"):
+            raise ValueError(f"kv_transport must be {'|'.join(TRANSPORT_KINDS)}|none, got {self.kv_transport!r}")
         if self.kv_events_flush_s <= 0:
             raise ValueError("kv_events_flush_s must be > 0")
         if self.kv_pin_timeout_s <= 0 or self.kv_pull_timeout_s <= 0:

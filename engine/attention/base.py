@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -27,6 +27,12 @@ class AttentionMetadata:
     # Prefill chunks: (query start in the flat batch, query length, context length incl.
     # this chunk, block table as a long tensor).
     prefills: list[tuple[int, int, int, torch.Tensor]]
+    #: The same requests on the host, in batch order: query lengths, context lengths (incl.
+    #: this step's tokens) and each request's pages (block ids covering its context), so a
+    #: backend can build page tables without reading device tensors back.
+    q_lens: list[int] = field(default_factory=list)
+    ctx_lens: list[int] = field(default_factory=list)
+    pages: list[list[int]] = field(default_factory=list)
     #: Backend-private state (e.g. flashinfer wrappers planned for this step).
     backend_state: object | None = None
 
@@ -65,7 +71,11 @@ def build_metadata(
         table = torch.tensor(block_tables[i][: -(-ctx // block_size)], dtype=torch.long, device=device)
         prefills.append((q_start, query_lens[i], ctx, table))
         q_start += query_lens[i]
+    ctx_lens = [start + q for start, q in zip(starts, query_lens)]
     return AttentionMetadata(
+        q_lens=list(query_lens),
+        ctx_lens=ctx_lens,
+        pages=[table[: -(-c // block_size)] for table, c in zip(block_tables, ctx_lens)],
         num_tokens=len(slot_block),
         slot_block=torch.tensor(slot_block, dtype=torch.long, device=device),
         slot_offset=torch.tensor(slot_offset, dtype=torch.long, device=device),

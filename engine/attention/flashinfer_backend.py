@@ -4,7 +4,7 @@ The cache stays ours: `[blocks, layers, 2, block_size, kv_heads, head_dim]`. One
 and V are `[blocks, block_size, kv_heads, head_dim]` views with a page stride of the whole
 block, flashinfer's "NHD" layout with strided pages. Per step, `begin_step` turns the step's
 metadata into flashinfer's CSR page table (`paged_kv_layout`, pure torch, tested on CPU) and
-plans once: the decode wrapper when every request decodes one token, else the prefill
+plans once (the page table is built from host lists: no device read-back): the decode wrapper when every request decodes one token, else the prefill
 wrapper over all requests (decodes are query length 1; causal masking aligns each query to
 the end of its context). Each layer then writes its new K/V into the cache and runs.
 
@@ -23,36 +23,27 @@ from .base import AttentionMetadata
 WORKSPACE_BYTES = 128 << 20
 
 
-def paged_kv_layout(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(qo_indptr, kv_indptr, kv_indices, kv_last_page_len), int32, for the step's requests
-    in batch order (decodes, then prefill chunks): request i's queries are rows
+def paged_kv_layout(meta: AttentionMetadata, device: torch.device | str = "cpu",
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(qo_indptr, kv_indptr, kv_indices, kv_last_page_len), int32 on `device`, for the step's
+    requests in batch order (decodes, then prefill chunks): request i's queries are rows
     qo_indptr[i]:qo_indptr[i+1], its context the pages kv_indices[kv_indptr[i]:kv_indptr[i+1]],
-    the last of them holding kv_last_page_len[i] tokens."""
+    the last of them holding kv_last_page_len[i] tokens. Built from the metadata's host
+    lists (no device read-back), then copied to `device` once each."""
     bs = meta.block_size
-    q_lens: list[int] = []
-    ctx_lens: list[int] = []
-    tables: list[torch.Tensor] = []
-    if meta.num_decodes:
-        seq_lens = meta.decode_seq_lens.tolist()
-        for row, n in zip(meta.decode_block_table, seq_lens):
-            q_lens.append(1)
-            ctx_lens.append(n)
-            tables.append(row[: -(-n // bs)])
-    for _, q_len, ctx, table in meta.prefills:
-        q_lens.append(q_len)
-        ctx_lens.append(ctx)
-        tables.append(table[: -(-ctx // bs)])
-    dev = tables[0].device if tables else torch.device("cpu")
-    qo_indptr = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
-    qo_indptr[1:] = torch.cumsum(torch.tensor(q_lens, dtype=torch.int32), 0)
-    pages = torch.tensor([len(t) for t in tables], dtype=torch.int32)
-    kv_indptr = torch.zeros(len(tables) + 1, dtype=torch.int32)
-    kv_indptr[1:] = torch.cumsum(pages, 0)
-    kv_indices = (torch.cat(tables).to(torch.int32) if tables
-                  else torch.zeros(0, dtype=torch.int32))
-    last = torch.tensor([c - (p - 1) * bs for c, p in zip(ctx_lens, pages.tolist())],
-                        dtype=torch.int32)
-    return qo_indptr.to(dev), kv_indptr.to(dev), kv_indices.to(dev), last.to(dev)
+    num_pages = [len(p) for p in meta.pages]
+    qo_indptr = [0]
+    kv_indptr = [0]
+    for q, n in zip(meta.q_lens, num_pages):
+        qo_indptr.append(qo_indptr[-1] + q)
+        kv_indptr.append(kv_indptr[-1] + n)
+    kv_indices = [b for p in meta.pages for b in p]
+    last = [c - (n - 1) * bs for c, n in zip(meta.ctx_lens, num_pages)]
+    pin = torch.device(device).type == "cuda"
+    return tuple(
+        torch.tensor(v, dtype=torch.int32, pin_memory=pin).to(device, non_blocking=pin)
+        for v in (qo_indptr, kv_indptr, kv_indices, last)
+    )
 
 
 class FlashInferAttentionBackend:
@@ -77,7 +68,7 @@ class FlashInferAttentionBackend:
     def begin_step(self, meta: AttentionMetadata, kv_cache: torch.Tensor, num_heads: int,
                    num_kv_heads: int, head_dim: int) -> None:
         decode, prefill = self._wrappers(kv_cache.device)
-        qo_indptr, kv_indptr, kv_indices, last = paged_kv_layout(meta)
+        qo_indptr, kv_indptr, kv_indices, last = paged_kv_layout(meta, kv_cache.device)
         dtype = kv_cache.dtype
         if not meta.prefills:
             decode.plan(kv_indptr, kv_indices, last, num_heads, num_kv_heads, head_dim,

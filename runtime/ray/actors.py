@@ -166,7 +166,7 @@ class EtcdActor:
     """A single-member etcd on this node (the Ray head), private data dir, free ports."""
 
     def __init__(self, ready_timeout: float = 30.0) -> None:
-        from splitserve.runtime.process import _death_signal_preexec
+        from splitserve.runtime.process import death_signal_preexec
 
         binary = find_etcd()
         if binary is None:
@@ -193,7 +193,7 @@ class EtcdActor:
                 with open(os.path.join(self.data_dir, "etcd.log"), "ab") as log:
                     started.append(subprocess.Popen(
                         argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                        start_new_session=True, preexec_fn=_death_signal_preexec(os.getpid())))
+                        start_new_session=True, preexec_fn=death_signal_preexec(os.getpid())))
             except BaseException as exc:  # noqa: BLE001 - raised by the constructor
                 started.append(exc)
                 spawned.set()

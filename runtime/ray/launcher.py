@@ -21,13 +21,13 @@ import argparse
 import logging
 import os
 import secrets
-import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from splitserve.runtime.process import check_serve_args, serving_banner, stop_on_signals
 from splitserve.runtime.ray.placement import ProcessSpec, placement_warnings, plan_processes
 
 logger = logging.getLogger("splitserve.serve.ray")
@@ -283,13 +283,10 @@ def run_on_ray(args: argparse.Namespace) -> int:
         print("splitserve serve --ray needs Ray: pip install 'splitserve[ray]' "
               "(or pip install 'ray[default]')", file=sys.stderr)
         return 2
-    if args.decode_workers < 1:
-        print("splitserve serve: --decode-workers must be >= 1", file=sys.stderr)
+    problem = check_serve_args(args)  # serve checked them already; other callers may not
+    if problem is not None:
+        print(f"splitserve serve: {problem}", file=sys.stderr)
         return 2
-    if getattr(args, "prefill_workers", 0) < 0:
-        print("splitserve serve: --prefill-workers must be >= 0", file=sys.stderr)
-        return 2
-
     if str(getattr(args, "discovery", None) or "").startswith("embedded:"):
         print("splitserve serve: --discovery embedded:// cannot cross nodes; give --discovery "
               "etcd://HOST:PORT, or leave it out to run etcd on the Ray head", file=sys.stderr)
@@ -304,14 +301,11 @@ def run_on_ray(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
 
-    stop = threading.Event()
-    signals: list[int] = []
+    with stop_on_signals() as (stop, signals):
+        return _serve_on_ray(args, ray, stop, signals)
 
-    def on_signal(signum, frame):  # noqa: ARG001
-        signals.append(signum)
-        stop.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+def _serve_on_ray(args: argparse.Namespace, ray: Any, stop: threading.Event, signals: list[int]) -> int:
     deployment = RayDeployment(args, stop)
     try:
         url = deployment.start()
@@ -319,10 +313,7 @@ def run_on_ray(args: argparse.Namespace) -> int:
         m = getattr(args, "prefill_workers", 0)
         where = ", ".join(f"{p.spec.name}@{(p.info or {}).get('node_ip')}"
                           for p in deployment.placed)
-        print(f"splitserve: serving {args.model} at {url}/v1 "
-              f"({n} decode worker{'s' if n != 1 else ''}"
-              f"{f', {m} prefill worker' + ('s' if m != 1 else '') if m else ''}"
-              f" on Ray: {where}); Ctrl-C to stop", flush=True)
+        print(serving_banner(args.model, url, n, m, f" on Ray: {where}"), flush=True)
         code = deployment.watch()
         if code == 0:
             logger.info("stopping (signal %s)", signals[0] if signals else "?")
@@ -342,5 +333,3 @@ def run_on_ray(args: argparse.Namespace) -> int:
             deployment.teardown()
         finally:
             ray.shutdown()
-            for s, handler in previous.items():
-                signal.signal(s, handler)

@@ -44,13 +44,14 @@ def test_live_report_keys(monkeypatch, tmp_path):
     from splitserve.bench import router_live
 
     class StubServer:
-        def __init__(self, cfg, mode):
-            self.mode = mode
+        def __init__(self, flags, workers, log_path, ready_timeout_s):
+            assert workers == {"decode": 2}
+            self.url = f"http://stub/{flags[flags.index('--router-mode') + 1]}"
 
-        def start(self):
-            return f"http://stub/{self.mode}"
+        def __enter__(self):
+            return self
 
-        def stop(self):
+        def __exit__(self, *exc):
             pass
 
     ttft = {"kv": 0.1, "round-robin": 0.4, "random": 0.3}
@@ -62,7 +63,7 @@ def test_live_report_keys(monkeypatch, tmp_path):
         text = f'splitserve_router_prefix_hit_rate 0.5\nsplitserve_router_routed_requests_total{{worker="decode-0"}} {len(work)}.0\n'
         return res, text, 2.0
 
-    monkeypatch.setattr(router_live, "Server", StubServer)
+    monkeypatch.setattr(router_live, "ServeProcess", StubServer)
     monkeypatch.setattr(router_live, "drive", drive)
     out = tmp_path / "r.json"
     args = build_parser().parse_args(["bench", "router", "--json", str(out), "--live-only",

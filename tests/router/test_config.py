@@ -25,7 +25,6 @@ from splitserve.router.config import RouterConfig
     {"request_timeout_s": 0},
     {"approx_max_blocks": 0},
     {"resync_buffer_batches": -1},
-    {"max_local_prefill_tokens": -1},
 ])
 def test_invalid_fields_raise(kw):
     with pytest.raises(ValueError):

@@ -164,52 +164,41 @@ def test_event_gap_then_snapshot_through_the_router():
         assert router.find_matches(prompt(s)) == {"d0": 16}
 
 
-def test_route_aggregated_without_prefill_pool():
+def test_select_aggregated_books_prefill_on_the_decode_worker():
     router, _, _ = make(2)
-    plan = router.route(prompt(0), request_id="r")
-    assert plan.prefill is None and not plan.remote_prefill
-    assert plan.decode.role is Role.AGGREGATED
-    view = router.load.view(plan.decode.worker_id)
+    sel = router.select(prompt(0), Role.AGGREGATED, request_id="r")
+    assert sel.role is Role.AGGREGATED
+    view = router.load.view(sel.worker_id)
     assert view.prefill_tokens == 64 and view.active_blocks == 16
     router.on_finished("r")
     assert router.load.num_requests() == 0
+    assert router.metrics()["remote_prefills"] == 0
 
 
-def test_route_remote_prefill_for_long_uncached_prompts():
-    router, dec, pre = make(2, prefill=2, max_local_prefill_tokens=16)
-    plan = router.route(prompt(0), request_id="r")
-    assert plan.remote_prefill and plan.prefill.role is Role.PREFILL
-    assert plan.decode.role is Role.DECODE
-    pv = router.load.view(plan.prefill.worker_id)
-    dv = router.load.view(plan.decode.worker_id)
+def test_select_prefill_then_decode_books_each_pool_its_part():
+    router, dec, pre = make(2, prefill=2)
+    p = router.select(prompt(0), Role.PREFILL, request_id="r")
+    d = router.select(prompt(0), Role.DECODE, request_id="r")
+    assert p.worker_id.startswith("p") and d.worker_id.startswith("d")
+    pv, dv = router.load.view(p.worker_id), router.load.view(d.worker_id)
     assert (pv.prefill_tokens, dv.prefill_tokens, dv.active_blocks) == (64, 0, 16)
     router.on_first_token("r")
-    assert router.load.view(plan.prefill.worker_id).active_blocks == 0
+    assert router.load.view(p.worker_id).active_blocks == 0
     router.on_finished("r")
     assert router.load.num_requests() == 0
-    assert router.metrics()["remote_prefills"] == 1
-
-
-def test_route_local_prefill_when_mostly_cached_or_prefill_pool_busy():
-    router, dec, pre = make(2, prefill=1, max_local_prefill_tokens=16)
-    dec[1].prefill(router, prompt(0))
-    plan = router.route(prompt(0) + prompt(5, 8))                    # 8 uncached tokens on d1
-    assert plan.prefill is None and plan.decode.worker_id == "d1"
-    assert plan.decode.role is Role.AGGREGATED
-    router.update_stats("p0", EngineStats(0, 5, 0, 1000, BS))       # prefill pool full
-    plan = router.route(prompt(7))
-    assert plan.prefill is None
+    m = router.metrics()
+    assert (m["remote_prefills"], m["requests"]) == (1, 1)
 
 
 def test_prefill_pool_prefers_overlap_decode_pool_prefers_load():
-    router, dec, pre = make(2, prefill=2, max_local_prefill_tokens=0)
+    router, dec, pre = make(2, prefill=2)
     long = prompt(3, 200)
     pre[1].prefill(router, long)
     dec[0].prefill(router, long)
     router.update_stats("d0", EngineStats(0, 4, 700, 1000, BS))      # d0 is loaded
-    plan = router.route(long + prompt(4, 8), request_id="r")
-    assert plan.prefill.worker_id == "p1" and plan.prefill.overlap_blocks == 50
-    assert plan.decode.worker_id == "d1"
+    p = router.select(long + prompt(4, 8), Role.PREFILL, request_id="r")
+    assert p.worker_id == "p1" and p.overlap_blocks == 50
+    assert router.select(long + prompt(4, 8), Role.DECODE, request_id="r").worker_id == "d1"
     # Same load on both decode workers: the one holding the prefix wins the tie.
     router.update_stats("d0", EngineStats(0, 0, 1000 - 17, 1000, BS))
     assert router.select(long, Role.DECODE).worker_id == "d0"

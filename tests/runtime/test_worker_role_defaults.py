@@ -1,0 +1,45 @@
+"""Engine defaults a worker's role sets: a CPU prefill worker runs one prompt per step
+(--max-num-seqs 1) unless the flag was given; other roles and devices keep the engine's."""
+
+from __future__ import annotations
+
+import argparse
+
+from splitserve.engine.cli import engine_config_from_args
+from splitserve.engine.config import EngineConfig
+from splitserve.runtime.serve_cli import build_plan
+from splitserve.runtime.serve_cli import register as register_serve
+from splitserve.runtime.worker_cli import register as register_worker
+from splitserve.runtime.worker_cli import role_engine_defaults
+
+
+def parse(cmd: str, *argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--log-level", default="info")  # a global flag of runtime/cli.py
+    sub = parser.add_subparsers()
+    (register_worker if cmd == "worker" else register_serve)(sub)
+    return parser.parse_args([cmd, *argv])
+
+
+def test_cpu_prefill_worker_runs_one_prompt_per_step():
+    args = parse("worker", "--role", "prefill", "--device", "cpu")
+    cfg = engine_config_from_args(args, **role_engine_defaults(args))
+    assert cfg.max_num_seqs == 1
+
+
+def test_flag_role_and_device_keep_the_engine_default():
+    given = parse("worker", "--role", "prefill", "--device", "cpu", "--max-num-seqs", "8")
+    assert role_engine_defaults(given) == {}
+    assert engine_config_from_args(given).max_num_seqs == 8
+    for argv in (("--role", "decode", "--device", "cpu"), ("--role", "prefill", "--device", "cuda")):
+        args = parse("worker", *argv)
+        assert role_engine_defaults(args) == {}
+        assert engine_config_from_args(args).max_num_seqs == EngineConfig.max_num_seqs
+
+
+def test_serve_leaves_the_choice_to_each_worker():
+    """serve hands --max-num-seqs on only when given, so each worker applies its role's default."""
+    workers, _ = build_plan(parse("serve", "--prefill-workers", "1"), "embedded://x")
+    assert workers and all("--max-num-seqs" not in argv for _, argv in workers)
+    workers, _ = build_plan(parse("serve", "--prefill-workers", "1", "--max-num-seqs", "4"), "embedded://x")
+    assert all(argv[argv.index("--max-num-seqs") + 1] == "4" for _, argv in workers)
