@@ -61,6 +61,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._serving = True
         #: one channel per prefill worker address (TransportInfo, ReleaseKv), closed on stop().
         self._channels: dict[str, grpc.aio.Channel] = {}
+        #: ReleaseKv calls under way (finished before stop() closes the channels).
+        self._releasing: set[asyncio.Task] = set()
 
     # -- lifecycle -----------------------------------------------------------------
     def set_serving(self, serving: bool) -> None:
@@ -72,6 +74,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return len(self._active)
 
     async def stop(self) -> None:
+        if self._releasing:
+            await asyncio.wait(set(self._releasing), timeout=3.0)
         channels, self._channels = list(self._channels.values()), {}
         for ch in channels:
             await ch.close()
@@ -179,7 +183,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             # []: every block is in our prefix cache; None: our pool is short and the prompt
             # is prefilled here. Either way nothing moves and the prefill side lets go.
             if not plan:
-                await self._release_remote(handle, rid)
+                self._release_remote_soon(handle, rid)
                 return True
             try:
                 peer = await self._peer(handle)
@@ -191,7 +195,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 self.num_kv_pull_failures += 1
                 logger.warning("KV pull of %s from %s failed (%s: %s); prefilling locally",
                                rid, handle.worker_id, type(exc).__name__, exc)
-                await self._release_remote(handle, rid)
+                self._release_remote_soon(handle, rid)
                 return False
             self.num_kv_pulls += 1
             return True
@@ -209,6 +213,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         peer = await self.transport.add_peer(info.metadata)
         self._peers[handle.agent_name] = peer
         return peer
+
+    def _release_remote_soon(self, handle, rid: str) -> None:
+        """_release_remote in the background: the request goes on without waiting for it."""
+        task = asyncio.get_running_loop().create_task(self._release_remote(handle, rid))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     async def _release_remote(self, handle, rid: str) -> None:
         """Tell the prefill worker to free the request's pinned blocks (best effort)."""

@@ -100,9 +100,7 @@ class Engine:
     # -- disaggregation --------------------------------------------------------------------
     def pinned_blocks(self, request_id: str) -> tuple[list[int], int]:
         """Block ids and computed token count of a finished, pinned prefill."""
-        req = self.scheduler.pinned[request_id]
-        n = req.num_computed_tokens
-        return [b.block_id for b in req.blocks[: self.kv.blocks_needed(n)]], n
+        return self.scheduler.pinned_blocks(request_id)
 
     def release_pinned(self, request_id: str) -> bool:
         return self.scheduler.release_pinned(request_id)

@@ -31,6 +31,9 @@ class RequestOutput:
     num_cached_tokens: int = 0
     #: Error text when finish_reason == "error".
     error: str | None = None
+    #: On the final output of a pinned prefill (prefill workers): its KV block ids and the
+    #: token count they hold, so the caller needs no round trip to the engine thread.
+    kv_blocks: tuple[list[int], int] | None = None
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,12 @@ class Scheduler:
         else:
             self.kv.free(req)
 
+    def pinned_blocks(self, request_id: str) -> tuple[list[int], int]:
+        """Block ids and computed token count of a finished, pinned prefill."""
+        req = self.pinned[request_id]
+        n = req.num_computed_tokens
+        return [b.block_id for b in req.blocks[: self.kv.blocks_needed(n)]], n
+
     def release_pinned(self, request_id: str) -> bool:
         """Free a prefill result's blocks (pulled, or expired). False if not pinned."""
         req = self.pinned.pop(request_id, None)
@@ -214,7 +220,10 @@ class Scheduler:
             status = self._check_stop(req, token)
             if status is not None:
                 self.finish(req, status)
-            results.append(self.make_output(req))
+            out_ = self.make_output(req)
+            if status is not None and req.request_id in self.pinned:
+                out_.kv_blocks = self.pinned_blocks(req.request_id)
+            results.append(out_)
         return results
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:

@@ -105,19 +105,24 @@ class PrefillWorkerServicer(WorkerServicer):
                 await _abort_invalid(context, str(exc), exc.param)
         finally:
             self._active.discard(rid)
+        # Releases are posted, and the blocks come with the output: awaiting the engine
+        # thread here would hold this answer (the TTFT) until the next prompt's step ends.
         if first is None or first.finish_reason not in ("stop", "length"):
-            await self.engine.call(lambda e: e.release_pinned(rid))
+            self.engine.post(lambda e: e.release_pinned(rid))
             reason = first.error if first is not None and first.error else "aborted"
             await context.abort(grpc.StatusCode.INTERNAL, f"prefill of {rid} failed: {reason}")
         msg = request_output_to_proto(first)
         ends_here = first.finish_reason == "stop" or params.max_tokens <= 1
         if ends_here:
-            await self.engine.call(lambda e: e.release_pinned(rid))
+            self.engine.post(lambda e: e.release_pinned(rid))
             msg.finish_reason = first.finish_reason if first.finish_reason == "stop" else "length"
             return worker_pb2.PrefillResponse(first=msg)
         msg.finished = False
         msg.finish_reason = ""
-        block_ids, n = await self.engine.call(lambda e: e.pinned_blocks(rid))
+        if first.kv_blocks is None:  # the engine pins every prefill that ends by length
+            self.engine.post(lambda e: e.release_pinned(rid))
+            await context.abort(grpc.StatusCode.INTERNAL, f"prefill of {rid} left no pinned KV blocks")
+        block_ids, n = first.kv_blocks
         handle = worker_pb2.KvHandle(
             worker_id=self.worker_id, agent_name=self.transport.name, block_ids=block_ids,
             num_tokens=n, first_token=first.new_token_ids[0], address=self.address,
@@ -136,5 +141,10 @@ class PrefillWorkerServicer(WorkerServicer):
             worker_id=self.worker_id)
 
     async def ReleaseKv(self, request, context):  # noqa: N802
-        released = await self.engine.call(lambda e: e.release_pinned(request.request_id))
-        return worker_pb2.ReleaseKvResponse(released=bool(released))
+        # Posted, not awaited (that would wait out the running step); `released` says
+        # whether the request was pinned when asked.
+        rid = request.request_id
+        eng = getattr(self.engine, "engine", None)
+        pinned = eng is not None and rid in eng.scheduler.pinned
+        self.engine.post(lambda e: e.release_pinned(rid))
+        return worker_pb2.ReleaseKvResponse(released=bool(pinned))

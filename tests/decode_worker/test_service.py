@@ -7,26 +7,18 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from splitserve.engine.async_engine import AsyncEngine
-from splitserve.engine.config import EngineConfig
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.proto import worker_pb2 as pb
 from splitserve.proto import worker_pb2_grpc
 from splitserve.runtime.grpc_util import param_from_error, sampling_params_to_proto
-from splitserve.runtime.worker_host import WorkerConfig, WorkerHost
-from tests.engine.factories import tiny_engine, tiny_model_config
+from tests.helpers.worker import start_tiny_worker
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def worker():
-    eng = tiny_engine(tiny_model_config(), num_kv_blocks=64)
-    aeng = AsyncEngine(eng.config, engine=eng)
-    await aeng.start()
-    host = WorkerHost(WorkerConfig(role="decode", worker_id="d0",
-                                   engine=EngineConfig(model="tiny", dtype="float32")), engine=aeng)
-    await host.start()
+    host = await start_tiny_worker("decode", "d0")
     channel = grpc.aio.insecure_channel(host.address)
     yield host, worker_pb2_grpc.WorkerStub(channel)
     await channel.close()

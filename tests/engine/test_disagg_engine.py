@@ -18,6 +18,8 @@ def run_prefill(eng, rid, prompt, params):
     while eng.has_unfinished():
         for o in eng.step():
             first = o.new_token_ids[0]
+            # the final output carries the pinned blocks (no second trip to the engine)
+            assert o.finished and o.kv_blocks == eng.pinned_blocks(rid)
     return first
 
 

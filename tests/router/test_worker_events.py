@@ -8,16 +8,13 @@ import asyncio
 import grpc
 import pytest
 
-from splitserve.engine.async_engine import AsyncEngine
-from splitserve.engine.config import EngineConfig
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.proto import worker_pb2 as pb
 from splitserve.proto import worker_pb2_grpc
 from splitserve.router import Router, RouterConfig
 from splitserve.router.service import KvEventSubscriber
 from splitserve.runtime.grpc_util import sampling_params_to_proto
-from splitserve.runtime.worker_host import WorkerConfig, WorkerHost
-from tests.engine.factories import tiny_engine, tiny_model_config
+from tests.helpers.worker import start_tiny_worker
 
 BS = 4  # tiny_engine's block size
 
@@ -32,14 +29,7 @@ async def wait_for(cond, timeout=5.0):
 
 
 async def start_host(worker_id="d0", **cfg):
-    eng = tiny_engine(tiny_model_config(), num_kv_blocks=64)
-    aeng = AsyncEngine(eng.config, engine=eng)
-    await aeng.start()
-    host = WorkerHost(WorkerConfig(role="decode", worker_id=worker_id,
-                                   engine=EngineConfig(model="tiny", dtype="float32"), **cfg),
-                      engine=aeng)
-    await host.start()
-    return host
+    return await start_tiny_worker("decode", worker_id, **cfg)
 
 
 async def generate(address, rid, prompt):
