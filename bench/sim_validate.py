@@ -13,8 +13,16 @@ arrival as the client sent it, its prompt and output length — is written as JS
 through the simulator with the profile, pools fixed at P = 1, D = 1 (static policy, no
 planner), in co-location mode: here both workers share the machine's cores, so each slows the
 other by the profile's measured `metadata.colocation` factors (`splitserve profile
---colocation`), and the prefill worker batches queued prompts into one step up to serve's
-token budget (2,048). `without_colocation` gives the pools model alone, for reference.
+--colocation`), and the prefill worker runs one prompt per step (a CPU prefill worker's
+default). `without_colocation` gives the pools model alone, for reference.
+
+Stack calibration (default; `--no-calibration` turns it off): the profile times the bare
+engine, the live path adds the frontend, two RPCs and the worker process around it. Before
+each run, after the warm-up, 3 solo requests (ISL 768, OSL 32, one at a time, not part of
+the trace) go through the live stack; the profile's prefill times are scaled by their mean
+TTFT ÷ the profile's TTFT at that ISL and its decode steps by their mean TPOT ÷ the batch-1
+ITL (`stack_calibration`). The simulator then predicts queueing, batching and co-location
+from those service times; `uncalibrated` gives the errors with the bare profile.
 
 Compared per rate, over the same requests: TTFT (first token − send) and ITL as the
 simulator defines it, each request's TPOT (e2e − TTFT) ÷ (output tokens − 1); mean, p50
@@ -87,6 +95,14 @@ class SimValidateConfig:
     decode_dt_s: float = 0.005
     #: Relative error of the means that counts as a match.
     tolerance: float = TOLERANCE
+    #: Before each run, time `calibration_requests` solo requests (ISL `calibration_isl`,
+    #: OSL `calibration_osl`, one at a time, not part of the trace) through the live stack and
+    #: scale the profile's prefill and decode times by live / profile (`stack_calibrated`);
+    #: False: the bare-engine profile as it is.
+    calibrate: bool = True
+    calibration_requests: int = 3
+    calibration_isl: int = 768
+    calibration_osl: int = 32
     #: Seeds prompts and arrivals.
     seed: int = 0
     #: --max-prefill-queue of the frontend: high, so no prompt falls back to local prefill.
@@ -133,6 +149,36 @@ def write_trace_jsonl(trace, path: str | Path) -> None:
     lines = [json.dumps({"arrival_s": round(float(a), 6), "isl": int(i), "osl": int(o)})
              for a, i, o in zip(trace.arrival_s, trace.isl, trace.osl)]
     Path(path).write_text("\n".join(lines) + "\n")
+
+
+def stack_factors(profile, solo: list, isl: int, osl: int) -> dict[str, float]:
+    """Live / profile ratios from solo requests (nothing else running): mean TTFT against
+    the profile's prefill TTFT at `isl`, mean TPOT against its batch-1 ITL at the mean
+    decode context. The profile times the bare engine; the live stack adds the frontend,
+    the RPCs and the worker process around it."""
+    ok = [r for r in solo if r.ok and r.ttft is not None and r.tpot is not None]
+    if not ok:
+        raise ValueError("no solo calibration request completed")
+    ttft_ms = 1e3 * sum(r.ttft for r in ok) / len(ok)
+    tpot_ms = 1e3 * sum(r.tpot for r in ok) / len(ok)
+    prof_ttft = float(profile.prefill_ttft_ms(isl))
+    prof_itl = float(profile.decode_itl_ms(1, isl + osl / 2.0))
+    return {"prefill": ttft_ms / prof_ttft, "decode": tpot_ms / prof_itl,
+            "solo_ttft_ms": ttft_ms, "profile_ttft_ms": prof_ttft,
+            "solo_tpot_ms": tpot_ms, "profile_itl_ms": prof_itl, "requests": len(ok)}
+
+
+def scale_profile(profile, prefill: float, decode: float):
+    """`profile` with every prefill time x `prefill` and decode step x `decode` (throughputs
+    divided likewise); co-location factors and capacity unchanged."""
+    from splitserve.planner.profile import Profile
+
+    d = profile.to_dict()
+    d["prefill"]["ttft_ms"] = [v * prefill for v in d["prefill"]["ttft_ms"]]
+    d["prefill"]["tok_s"] = [v / prefill for v in d["prefill"]["tok_s"]]
+    d["decode"]["itl_ms"] = [[None if v is None else v * decode for v in row] for row in d["decode"]["itl_ms"]]
+    d["decode"]["tok_s"] = [[None if v is None else v / decode for v in row] for row in d["decode"]["tok_s"]]
+    return Profile.from_dict(d)
 
 
 def simulate_static(trace, profile, kv_transfer_ms: float = 0.0, decode_dt_s: float = 0.005,
@@ -202,6 +248,13 @@ def run_rate(cfg: SimValidateConfig, profile, rate: float, k: int, outdir: Path)
         warm = make_requests((32, 64), (4, 4), 2, cfg.seed + 99_991)
         warm += make_requests((600, 600), (4, 4), 2, cfg.seed + 99_992)  # remote path too
         asyncio.run(drive(serve.url, warm, None, 0, cfg.request_timeout_s))
+        factors = None
+        if cfg.calibrate:
+            solo: list = []
+            for i, req in enumerate(make_requests((cfg.calibration_isl,) * 2, (cfg.calibration_osl,) * 2,
+                                                  cfg.calibration_requests, cfg.seed + 99_993)):
+                solo += asyncio.run(drive(serve.url, [req], None, i, cfg.request_timeout_s))[0]
+            factors = stack_factors(profile, solo, cfg.calibration_isl, cfg.calibration_osl)
         work = make_requests(cfg.isl_range, cfg.osl_range, cfg.num_requests, cfg.seed * 1000 + k)
         before, load0 = serve.prefill_decisions(), _load()
         results, duration = asyncio.run(drive(serve.url, work, rate, cfg.seed * 1000 + k, cfg.request_timeout_s,
@@ -211,14 +264,23 @@ def run_rate(cfg: SimValidateConfig, profile, rate: float, k: int, outdir: Path)
     trace = trace_from_results(results, [osl for _, osl in work], name=f"live-{rate:g}rps")
     trace_path = outdir / f"trace-{k}.jsonl"
     write_trace_jsonl(trace, trace_path)
-    sim = simulate_static(trace, profile, cfg.kv_transfer_ms, cfg.decode_dt_s, cfg.colocated,
-                          cfg.prefill_max_batched_tokens)
     measured = measured_latencies(results)
+    raw = simulate_static(trace, profile, cfg.kv_transfer_ms, cfg.decode_dt_s, cfg.colocated,
+                          cfg.prefill_max_batched_tokens)
+    sim_profile = profile if factors is None else scale_profile(profile, factors["prefill"], factors["decode"])
+    sim = raw if factors is None else simulate_static(trace, sim_profile, cfg.kv_transfer_ms, cfg.decode_dt_s,
+                                                      cfg.colocated, cfg.prefill_max_batched_tokens)
     # For reference: the pools model alone (own host per worker, one prompt per prefill step).
-    alone = simulate_static(trace, profile, cfg.kv_transfer_ms, cfg.decode_dt_s)
+    alone = simulate_static(trace, sim_profile, cfg.kv_transfer_ms, cfg.decode_dt_s)
     point = {
         "rate_rps": rate,
         **compare_latencies(measured, {"ttft_ms": sim.ttft_ms, "itl_ms": sim.itl_ms}, cfg.tolerance),
+        "stack_calibration": factors,
+        "uncalibrated": {
+            "ttft_ms": raw.ttft_ms["mean"], "itl_ms": raw.itl_ms["mean"],
+            "ttft_rel_error": rel_error(raw.ttft_ms["mean"], measured["ttft_ms"]["mean"]),
+            "itl_rel_error": rel_error(raw.itl_ms["mean"], measured["itl_ms"]["mean"]),
+        },
         "without_colocation": {
             "ttft_ms": alone.ttft_ms["mean"], "itl_ms": alone.itl_ms["mean"],
             "ttft_rel_error": rel_error(alone.ttft_ms["mean"], measured["ttft_ms"]["mean"]),
@@ -295,6 +357,9 @@ def register(subparsers) -> None:
     p.add_argument("--profile", default=None, help="profile JSON (default: the shipped one)")
     p.add_argument("--kv-transfer-ms", type=float, default=0.0,
                    help="KV hand-off the simulator adds (ms; measure with `bench kv-transfer`)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="simulate with the bare-engine profile as it is (default: scale it by solo "
+                        "requests timed through the live stack before each run)")
     p.add_argument("--no-colocation", action="store_true",
                    help="simulate the workers as if each had its own host (the pools model alone)")
     p.add_argument("--model", default="smollm2-135m")
@@ -313,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
         rate_fractions=(0.4,) if args.quick else SimValidateConfig.rate_fractions,
         num_requests=args.num_requests or (24 if args.quick else 40),
         profile=args.profile, kv_transfer_ms=args.kv_transfer_ms, seed=args.seed, quick=args.quick,
-        colocated=not args.no_colocation,
+        colocated=not args.no_colocation, calibrate=not args.no_calibration,
     )
     outdir = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="sim-validate-"))
     outdir.mkdir(parents=True, exist_ok=True)

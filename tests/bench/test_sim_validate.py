@@ -7,8 +7,8 @@ import pytest
 from splitserve.bench import sim_validate
 from splitserve.bench.serve import RequestResult
 from splitserve.bench.sim_validate import (
-    SimValidateConfig, compare_latencies, default_rates, measured_latencies, rel_error,
-    simulate_static, trace_from_results, write_trace_jsonl,
+    SimValidateConfig, compare_latencies, default_rates, measured_latencies, rel_error, scale_profile,
+    simulate_static, stack_factors, trace_from_results, write_trace_jsonl,
 )
 from splitserve.planner.simulator.traces import load_trace
 from splitserve.runtime.cli import build_parser
@@ -69,6 +69,29 @@ def test_simulate_static_single_request_is_the_profile():
     # the KV hand-off delays the second token: adds transfer / (osl - 1) to the mean ITL
     slow = simulate_static(tr, prof, kv_transfer_ms=500.0, decode_dt_s=0.005)
     assert slow.itl_ms["mean"] == pytest.approx(sim.itl_ms["mean"] + 5.0, rel=0.01)
+
+
+def test_stack_factors_and_scaled_profile():
+    prof = analytic_profile()
+    isl, osl = 768, 32
+    ttft = float(prof.prefill_ttft_ms(isl)) / 1e3
+    itl = float(prof.decode_itl_ms(1, isl + osl / 2)) / 1e3
+    solo = [_res(0, isl, ttft=1.1 * ttft, tpot=1.2 * itl, n=osl), _res(1, isl, ttft=1.3 * ttft, tpot=1.2 * itl, n=osl),
+            RequestResult(input_len=isl, error="boom")]
+    f = stack_factors(prof, solo, isl, osl)
+    assert f["prefill"] == pytest.approx(1.2) and f["decode"] == pytest.approx(1.2) and f["requests"] == 2
+    with pytest.raises(ValueError):
+        stack_factors(prof, solo[2:], isl, osl)
+    scaled = scale_profile(prof, 1.5, 2.0)
+    assert scaled.prefill_ttft_ms(isl) == pytest.approx(1.5 * prof.prefill_ttft_ms(isl))
+    assert scaled.prefill_tok_s(isl) == pytest.approx(prof.prefill_tok_s(isl) / 1.5)
+    assert scaled.decode_itl_ms(4, 2000) == pytest.approx(2.0 * prof.decode_itl_ms(4, 2000))
+    # a lone request simulated on the scaled profile takes the scaled times
+    one = _res(0.0, isl, n=osl)
+    tr = trace_from_results([one], [osl])
+    a, b = simulate_static(tr, prof), simulate_static(tr, scaled)
+    assert b.ttft_ms["mean"] == pytest.approx(1.5 * a.ttft_ms["mean"], rel=0.02)
+    assert b.itl_ms["mean"] == pytest.approx(2.0 * a.itl_ms["mean"], rel=0.05)
 
 
 def test_default_rates_are_fractions_of_prefill_capacity():
