@@ -133,6 +133,9 @@ def test_cli_report_keys_on_fake_setups(tmp_path, capsys, monkeypatch):
     assert agg["goodput_rps"] == pytest.approx(5 / 6 * 0.25) and dis["goodput_rps"] == pytest.approx(0.5)
     assert report["goodput_ratio"] == pytest.approx(dis["goodput_rps"] / agg["goodput_rps"])
     assert report["target_met"] is True and report["goodput_basis"].startswith("best over rates")
+    # DistServe's reading: no aggregated rate keeps 0.9 attainment here, so no ratio
+    assert dis["max_rate_at_target_attainment"] == 0.5 and agg["max_rate_at_target_attainment"] is None
+    assert report["max_rate_ratio_at_target_attainment"] is None
     assert report["workload"] == {"isl": [1024, 2048], "osl": [64, 128], "arrivals": "poisson",
                                   "ignore_eos": True, "num_requests_per_rate": 6}
     assert len(report["load_avg_start"]) == 3
