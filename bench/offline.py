@@ -10,6 +10,8 @@ import argparse
 import logging
 import time
 
+from splitserve.engine.config import QUANTIZATIONS
+
 logger = logging.getLogger(__name__)
 
 
@@ -23,7 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("--min-prompt", type=int, default=None)
     p.add_argument("--max-prompt", type=int, default=None)
     p.add_argument("--output-len", type=int, default=None)
-    p.add_argument("--quantization", default="auto", choices=["auto", "none", "q4_1"],
+    p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="engine weights: auto keeps the GGUF's Q4_1 4-bit in bfloat16 on CPU")
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")

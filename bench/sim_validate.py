@@ -196,9 +196,9 @@ def simulate_static(trace, profile, kv_transfer_ms: float = 0.0, decode_dt_s: fl
 
 def measured_latencies(results: list) -> dict[str, dict[str, float | None]]:
     """Mean/p50/p90/p99 (ms) of TTFT and of each request's TPOT over the completed requests."""
-    ok = [r for r in results if r.ok]
     from splitserve.bench.common import stats_ms
 
+    ok = [r for r in results if r.ok]
     return {"ttft_ms": stats_ms([r.ttft for r in ok if r.ttft is not None]),
             "itl_ms": stats_ms([r.tpot for r in ok if r.tpot is not None])}
 

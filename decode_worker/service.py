@@ -29,6 +29,7 @@ import grpc
 from splitserve.engine.errors import EngineInputError
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.proto import worker_pb2, worker_pb2_grpc
+from splitserve.runtime.aio import spawn_tracked
 from splitserve.runtime.grpc_util import (
     PARAM_METADATA_KEY,
     request_output_to_proto,
@@ -216,9 +217,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def _release_remote_soon(self, handle, rid: str) -> None:
         """_release_remote in the background: the request goes on without waiting for it."""
-        task = asyncio.get_running_loop().create_task(self._release_remote(handle, rid))
-        self._releasing.add(task)
-        task.add_done_callback(self._releasing.discard)
+        spawn_tracked(self._releasing, self._release_remote(handle, rid), f"release-{rid}")
 
     async def _release_remote(self, handle, rid: str) -> None:
         """Tell the prefill worker to free the request's pinned blocks (best effort)."""

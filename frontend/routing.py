@@ -38,10 +38,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from splitserve.frontend.errors import NoWorkerAvailable
-from splitserve.frontend.worker_pool import WorkerClient, WorkerPool, least_loaded, spawn_tracked
+from splitserve.frontend.worker_pool import WorkerClient, WorkerPool, least_loaded
 from splitserve.router import NoWorkerAvailable as RouterBusy
 from splitserve.router import Role, Router, RouterConfig, Selection
 from splitserve.router.config import MODES
+from splitserve.runtime.aio import spawn_tracked
 from splitserve.router.errors import BlockSizeMismatch, KvEventsUnsupported
 from splitserve.router.service import KvEventSubscriber
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from splitserve.frontend.errors import NoWorkerAvailable
+from splitserve.runtime.aio import spawn_tracked
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +32,6 @@ ROLES = ("decode", "prefill")
 #: `takes_request_hints` attribute is true is called with keywords too: request_id (str or
 #: None) and remote_kv (the decode worker will pull the prompt's KV from a prefill worker).
 Selector = Callable[[Sequence["WorkerClient"], "Sequence[int] | None"], "WorkerClient"]
-
-
-def spawn_tracked(tasks: set[asyncio.Task], coro: Any, name: str) -> asyncio.Task:
-    """A task on the running loop, kept in `tasks` until it is done (to cancel at stop)."""
-    task = asyncio.get_running_loop().create_task(coro, name=name)
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)
-    return task
 
 
 def static_worker_id(role: str, address: str) -> str:

@@ -61,11 +61,11 @@ def time_decode(engine, rng: random.Random, repeats: int = REPEATS) -> float:
 
 
 def _child_argv(role: str, args: argparse.Namespace) -> list[str]:
-    argv = [sys.executable, "-m", "splitserve.planner.colocation", "--role", role, "--model", args.model,
-            "--dtype", args.dtype, "--num-threads", "1"]
-    if getattr(args, "quantization", None):
-        argv += ["--quantization", args.quantization]
-    return argv
+    """The neighbour's command line: the profiled engine's flags, on 1 torch thread."""
+    from splitserve.runtime.engine_args import engine_argv
+
+    one_thread = argparse.Namespace(**{**vars(args), "num_threads": 1})
+    return [sys.executable, "-m", "splitserve.planner.colocation", "--role", role, *engine_argv(one_thread)]
 
 
 class _Neighbour:

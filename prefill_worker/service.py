@@ -67,15 +67,19 @@ class PrefillWorkerServicer(WorkerServicer):
             except Exception:  # noqa: BLE001 - engine going down
                 logger.debug("release of %s failed", rid, exc_info=True)
 
-    def _has_pinned(self) -> bool:
+    def _pinned(self) -> dict:
+        """The engine's pinned prefills by request id (read from this thread: a dict
+        lookup, no trip to the engine thread)."""
         eng = getattr(self.engine, "engine", None)
-        return eng is not None and bool(eng.scheduler.pinned)
+        return eng.scheduler.pinned if eng is not None else {}
+
+    def _has_pinned(self) -> bool:
+        return bool(self._pinned())
 
     def extra_stats(self) -> dict[str, Any]:
         out = super().extra_stats()
         out["num_expired_pins"] = getattr(self.engine, "num_expired_pins", 0)
-        eng = getattr(self.engine, "engine", None)
-        out["num_pinned"] = len(eng.scheduler.pinned) if eng is not None else 0
+        out["num_pinned"] = len(self._pinned())
         return out
 
     # -- RPCs ----------------------------------------------------------------------------
@@ -144,7 +148,6 @@ class PrefillWorkerServicer(WorkerServicer):
         # Posted, not awaited (that would wait out the running step); `released` says
         # whether the request was pinned when asked.
         rid = request.request_id
-        eng = getattr(self.engine, "engine", None)
-        pinned = eng is not None and rid in eng.scheduler.pinned
+        pinned = rid in self._pinned()
         self.engine.post(lambda e: e.release_pinned(rid))
-        return worker_pb2.ReleaseKvResponse(released=bool(pinned))
+        return worker_pb2.ReleaseKvResponse(released=pinned)

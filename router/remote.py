@@ -31,9 +31,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from splitserve.frontend.errors import NoWorkerAvailable, OpenAIError
-from splitserve.frontend.worker_pool import spawn_tracked
-from splitserve.frontend.worker_pool import WorkerClient, WorkerPool, least_loaded
-from splitserve.frontend.worker_pool import _short
+from splitserve.frontend.worker_pool import WorkerClient, WorkerPool, _short, least_loaded
+from splitserve.runtime.aio import spawn_tracked
 
 logger = logging.getLogger(__name__)
 

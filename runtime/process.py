@@ -10,6 +10,7 @@ other line prefixed with the child's name; `wait_ready()` returns the ready even
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import contextlib
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 

@@ -88,9 +88,9 @@ def role_engine_defaults(args: argparse.Namespace) -> dict:
         return {}
     device = getattr(args, "device", "auto")
     if device == "auto":
-        import torch
+        from splitserve.engine.model_runner import resolve_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(device).type
     return {"max_num_seqs": 1} if device == "cpu" else {}
 
 

@@ -28,11 +28,12 @@ class AttentionMetadata:
     # this chunk, block table as a long tensor).
     prefills: list[tuple[int, int, int, torch.Tensor]]
     #: The same requests on the host, in batch order: query lengths, context lengths (incl.
-    #: this step's tokens) and each request's pages (block ids covering its context), so a
-    #: backend can build page tables without reading device tensors back.
+    #: this step's tokens) and block tables (the scheduler's lists, not copied; a table may
+    #: run past its context), so a backend can build page tables without reading device
+    #: tensors back.
     q_lens: list[int] = field(default_factory=list)
     ctx_lens: list[int] = field(default_factory=list)
-    pages: list[list[int]] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
     #: Backend-private state (e.g. flashinfer wrappers planned for this step).
     backend_state: object | None = None
 
@@ -73,9 +74,9 @@ def build_metadata(
         q_start += query_lens[i]
     ctx_lens = [start + q for start, q in zip(starts, query_lens)]
     return AttentionMetadata(
-        q_lens=list(query_lens),
+        q_lens=query_lens,
         ctx_lens=ctx_lens,
-        pages=[table[: -(-c // block_size)] for table, c in zip(block_tables, ctx_lens)],
+        block_tables=block_tables,
         num_tokens=len(slot_block),
         slot_block=torch.tensor(slot_block, dtype=torch.long, device=device),
         slot_offset=torch.tensor(slot_offset, dtype=torch.long, device=device),

@@ -31,13 +31,13 @@ def paged_kv_layout(meta: AttentionMetadata, device: torch.device | str = "cpu",
     the last of them holding kv_last_page_len[i] tokens. Built from the metadata's host
     lists (no device read-back), then copied to `device` once each."""
     bs = meta.block_size
-    num_pages = [len(p) for p in meta.pages]
+    num_pages = [-(-c // bs) for c in meta.ctx_lens]
     qo_indptr = [0]
     kv_indptr = [0]
     for q, n in zip(meta.q_lens, num_pages):
         qo_indptr.append(qo_indptr[-1] + q)
         kv_indptr.append(kv_indptr[-1] + n)
-    kv_indices = [b for p in meta.pages for b in p]
+    kv_indices = [b for table, n in zip(meta.block_tables, num_pages) for b in table[:n]]
     last = [c - (n - 1) * bs for c, n in zip(meta.ctx_lens, num_pages)]
     pin = torch.device(device).type == "cuda"
     return tuple(
