@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import DEFAULT_MODEL, QUANTIZATIONS
+from .config import ATTENTION_BACKENDS, DEFAULT_MODEL, QUANTIZATIONS
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "i.e. one prompt per step, first come first served)")
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flashinfer"])
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="auto: keep a GGUF file's Q4_1 weights 4-bit on CPU in bfloat16 (int4 "
                         "kernel for decode); none: dequantize every weight to --dtype")

@@ -9,6 +9,8 @@ from typing import Any
 DEFAULT_MODEL = "smollm2-135m"
 #: `--quantization` choices (EngineConfig.quantization).
 QUANTIZATIONS = ("auto", "none", "q4_1")
+#: `--attention-backend` choices (EngineConfig.attention_backend).
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "flashinfer")
 
 #: Architectures the Llama-family model code runs.
 SUPPORTED_ARCHITECTURES = (
@@ -75,7 +77,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     #: Reuse cached KV blocks by chained block hash.
     enable_prefix_caching: bool = True
-    #: auto | torch | flashinfer.
+    #: auto (flashinfer on CUDA when installed, cpu on CPU) | torch | cpu | flashinfer.
     attention_backend: str = "auto"
     #: auto (on CPU in bfloat16, also keep a GGUF file's Q4_1 weights 4-bit and run steps of
     #: up to 4 tokens with torch's int4 kernel: faster decode, more memory) | none (dequantize
@@ -107,10 +109,9 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
-        if self.attention_backend not in ("auto", "torch", "flashinfer"):
-            raise ValueError(
-                f"attention_backend must be auto|torch|flashinfer, got {self.attention_backend!r}"
-            )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be {'|'.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be {'|'.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.num_threads is not None and self.num_threads < 1:

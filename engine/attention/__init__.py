@@ -1,7 +1,9 @@
 """Attention backends behind one small interface, chosen by name.
 
 `torch` is the reference backend (CPU and any device, pure torch SDPA over the paged cache);
-`flashinfer` runs paged prefill/decode kernels on CUDA when the package is installed.
+`cpu` is that backend with decodes on a bfloat16 cache run by a native paged-decode kernel
+(built on first use; the torch path where no compiler is found); `flashinfer` runs paged
+prefill/decode kernels on CUDA when the package is installed.
 """
 
 from __future__ import annotations
@@ -10,17 +12,20 @@ from .base import AttentionBackend, AttentionMetadata, build_metadata
 
 _BACKENDS = {
     "torch": "splitserve.engine.attention.torch_ref:TorchAttentionBackend",
+    "cpu": "splitserve.engine.attention.cpu:CpuAttentionBackend",
     "flashinfer": "splitserve.engine.attention.flashinfer_backend:FlashInferAttentionBackend",
 }
 
 
 def get_backend(name: str, device) -> AttentionBackend:
-    """Instantiate a backend; `auto` picks flashinfer on CUDA when importable, else torch."""
+    """Instantiate a backend; `auto` picks flashinfer on CUDA when importable, cpu on CPU,
+    else torch."""
     import importlib
 
     if name == "auto":
-        name = "torch"
-        if getattr(device, "type", str(device)) == "cuda":
+        kind = getattr(device, "type", str(device))
+        name = "cpu" if kind == "cpu" else "torch"
+        if kind == "cuda":
             try:
                 importlib.import_module("flashinfer")
                 name = "flashinfer"

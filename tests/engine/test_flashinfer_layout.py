@@ -84,10 +84,6 @@ def test_naive_attention_over_the_layout_equals_torch_backend(decode_only):
     torch.testing.assert_close(ours, naive)
 
 
-def test_auto_backend_on_cpu_is_torch():
-    assert get_backend("auto", torch.device("cpu")).name == "torch"
-
-
 @pytest.mark.skipif(importlib.util.find_spec("flashinfer") is not None,
                     reason="flashinfer is installed")
 def test_flashinfer_backend_without_the_package_fails_at_start():

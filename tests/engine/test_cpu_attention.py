@@ -1,0 +1,158 @@
+"""The native CPU paged-decode kernel against float64 attention, and the `cpu` backend
+wired into the engine (bfloat16 decodes through the kernel, same tokens as `torch`)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from splitserve.engine.attention import build_metadata, get_backend
+from splitserve.engine.attention import native
+from splitserve.engine.attention.cpu import CpuAttentionBackend
+from splitserve.engine.attention.torch_ref import TorchAttentionBackend
+from splitserve.engine.sampling_params import SamplingParams
+
+from .factories import tiny_engine, tiny_model_config
+
+kernel = native.load_paged_decode()
+needs_kernel = pytest.mark.skipif(kernel is None, reason="no C compiler: the kernel is not built")
+
+
+def paged_case(lens, nkv, g, d, bs, layers=3, seed=0):
+    """A bf16 cache with each request's blocks scattered, q, and its metadata."""
+    gen = torch.Generator().manual_seed(seed)
+    nblocks = [-(-n // bs) for n in lens]
+    total = sum(nblocks) + 3
+    cache = torch.randn(total, layers, 2, bs, nkv, d, generator=gen).to(torch.bfloat16)
+    order = (torch.randperm(total - 1, generator=gen) + 1).tolist()
+    tables, i = [], 0
+    for n in nblocks:
+        tables.append(order[i : i + n])
+        i += n
+    q = torch.randn(len(lens), nkv * g, d, generator=gen).to(torch.bfloat16)
+    meta = build_metadata([1] * len(lens), [n - 1 for n in lens], tables, bs, torch.device("cpu"))
+    return cache, q, meta
+
+
+def reference(cache, q, meta, layer, nkv):
+    """float64 attention of each request's one query over its cached tokens (HF's grouping:
+    query head j of kv head h is h * g + j)."""
+    outs = []
+    for i in range(q.shape[0]):
+        n = int(meta.decode_seq_lens[i])
+        blocks = meta.decode_block_table[i]
+        k = cache[blocks, layer, 0].reshape(-1, nkv, q.shape[2])[:n].double()
+        v = cache[blocks, layer, 1].reshape(-1, nkv, q.shape[2])[:n].double()
+        qi = q[i].double().view(nkv, -1, q.shape[2])
+        p = (torch.einsum("hgd,lhd->hgl", qi, k) * q.shape[2] ** -0.5).softmax(-1)
+        outs.append(torch.einsum("hgl,lhd->hgd", p, v).reshape(-1, q.shape[2]))
+    return torch.stack(outs)
+
+
+@needs_kernel
+@pytest.mark.parametrize("nkv,g,d,bs", [
+    (3, 3, 64, 16),  # SmolLM2-135M: the vector paths
+    (2, 4, 64, 8),
+    (1, 1, 64, 16),
+    (2, 8, 64, 16),  # a group too wide for the register-blocked V path
+    (2, 2, 128, 16),  # head_dim 128: vector scores, generic V accumulation
+    (2, 3, 48, 4),  # head_dim 48: the scalar paths
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_matches_float64_attention(nkv, g, d, bs, threads):
+    lens = [1, bs, bs + 1, 5 * bs - 3, 37]
+    cache, q, meta = paged_case(lens, nkv, g, d, bs)
+    for layer in (0, 2):
+        got = kernel(q, cache, layer, meta.decode_block_table, meta.decode_seq_lens, d ** -0.5,
+                     threads)
+        want = reference(cache, q, meta, layer, nkv)
+        # bf16 output rounding (2^-9 relative) and the bf16-rounded scaled q bound the error.
+        assert (got.double() - want).abs().max().item() < 2e-2
+        # ... and it is at least as close to float64 as the torch reference path.
+        torch_be = TorchAttentionBackend()
+        torch_be.begin_step(meta, cache, nkv * g, nkv, d)
+        ref_path = torch_be._decode(q, cache, layer, meta, nkv)
+        assert ((got.double() - want).abs().mean()
+                <= (ref_path.double() - want).abs().mean() * 1.05)
+
+
+@needs_kernel
+def test_kernel_reads_strided_queries():
+    """The model hands the backend q as a view of the rotated [T, q + k heads, d] tensor."""
+    cache, q, meta = paged_case([20, 33], nkv=3, g=3, d=64, bs=16)
+    qk = torch.cat([q, torch.randn(2, 3, 64).to(torch.bfloat16)], dim=1)  # [D, 9 + 3, d]
+    view = qk[:, :9]
+    assert not view.is_contiguous()
+    got = kernel(view, cache, 1, meta.decode_block_table, meta.decode_seq_lens, 0.125)
+    assert torch.equal(got, kernel(q, cache, 1, meta.decode_block_table, meta.decode_seq_lens,
+                                   0.125))
+
+
+@needs_kernel
+def test_kernel_rejects_bad_input():
+    cache, q, meta = paged_case([20, 33], nkv=3, g=3, d=64, bs=16)
+    too_long = meta.decode_seq_lens.clone()
+    too_long[1] = meta.decode_block_table.shape[1] * 16 + 1
+    with pytest.raises(ValueError, match="outside its block table"):
+        kernel(q, cache, 0, meta.decode_block_table, too_long, 0.125)
+    with pytest.raises(ValueError, match="bfloat16"):
+        kernel(q.float(), cache.float(), 0, meta.decode_block_table, meta.decode_seq_lens, 0.125)
+    with pytest.raises(ValueError, match="layer"):
+        kernel(q, cache, 3, meta.decode_block_table, meta.decode_seq_lens, 0.125)
+    with pytest.raises(ValueError, match="int64"):
+        kernel(q, cache, 0, meta.decode_block_table.int(), meta.decode_seq_lens, 0.125)
+
+
+def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
+    compiler = native._compiler()
+    if compiler is None:
+        pytest.skip("no C compiler")
+    first = native.build(tmp_path, compiler)
+    assert native.build(tmp_path, compiler) == first
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+    changed = tmp_path / "changed.c"
+    changed.write_text(native.SOURCE.read_text() + "\n/* another build */\n")
+    monkeypatch.setattr(native, "SOURCE", changed)
+    assert native.build(tmp_path, compiler) != first
+
+
+def test_no_compiler_falls_back_to_torch(monkeypatch, caplog):
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    native.load_paged_decode.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            backend = CpuAttentionBackend()
+        assert backend.kernel is None
+        assert "no C compiler" in caplog.text
+        cache, q, meta = paged_case([9, 30], nkv=2, g=2, d=16, bs=4)
+        backend.begin_step(meta, cache, 4, 2, 16)
+        got = backend._decode(q, cache, 0, meta, 2)
+        assert (got.double() - reference(cache, q, meta, 0, 2)).abs().max().item() < 2e-2
+    finally:
+        native.load_paged_decode.cache_clear()
+
+
+def test_auto_picks_cpu_backend_on_cpu():
+    assert get_backend("auto", torch.device("cpu")).name == "cpu"
+    assert get_backend("torch", torch.device("cpu")).name == "torch"
+
+
+@needs_kernel
+def test_cpu_backend_engine_matches_torch_backend_in_bf16():
+    """Whole engine in bfloat16, SmolLM2's head shape (3 kv heads, groups of 3, head_dim 64):
+    greedy tokens through the kernel equal the torch backend's, chunked prefill and
+    concurrent decodes of different lengths included; all blocks come back."""
+    cfg = tiny_model_config(hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64,
+                            intermediate_size=256)
+    prompts = [[(7 * i + 3 * j) % 120 + 3 for j in range(n)] for i, n in enumerate((5, 40, 77))]
+    outs = {}
+    for backend in ("torch", "cpu"):
+        eng = tiny_engine(cfg, dtype="bfloat16", attention_backend=backend, block_size=16,
+                          max_num_batched_tokens=32, quantization="none")
+        assert eng.runner.attn.name == backend
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        outs[backend] = eng.generate(prompts, params)
+        assert eng.pool.num_free_blocks == eng.pool.num_blocks
+    assert outs["cpu"] == outs["torch"]
