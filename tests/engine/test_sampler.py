@@ -67,3 +67,18 @@ def test_presence_penalty_changes_choice():
     r.append_token(1)
     toks, _ = Sampler()(torch.tensor([[0.0, 1.0, 0.5]]), [r])
     assert toks == [2]
+
+
+def test_samples_follow_the_temperature_scaled_distribution():
+    """Frequencies over 4,000 seeded draws match softmax(logits / T) within 4 standard errors."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
+    for temperature in (1.0, 0.5):
+        r = req(0, seed=3, temperature=temperature)
+        n = 4000
+        counts = torch.zeros(5)
+        for _ in range(n):
+            counts[Sampler()(logits.clone(), [r])[0][0]] += 1
+        p = (logits[0] / temperature).softmax(-1)
+        se = (p * (1 - p) / n).sqrt()
+        assert ((counts / n - p).abs() <= 4 * se + 1e-9).all(), (temperature, counts / n, p)
+        assert counts[4] == 0
