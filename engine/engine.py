@@ -19,6 +19,7 @@ from .kv_cache_manager import KVCacheManager
 from .model_runner import ModelRunner, keep_q4_1
 from .outputs import EngineStats, RequestOutput
 from .request import Request, RequestStatus
+from .sampler import exponential_noise
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 
@@ -131,7 +132,7 @@ class Engine:
         if params.seed is not None and not params.greedy:
             # Keep the seeded stream aligned with an aggregated run: the first draw was spent
             # by the prefill worker.
-            torch.empty(self.model_config.vocab_size).exponential_(generator=req.generator)
+            exponential_noise(self.model_config.vocab_size, req.generator)
         cached = self.kv.find_cached_prefix(req)
         n_prompt_blocks = self.kv.blocks_needed(req.num_prompt_tokens)
         cached = cached[:n_prompt_blocks]

@@ -71,9 +71,10 @@ def int4_kernel_available() -> bool:
 
 
 #: Up to this many rows (tokens in the step) the int4 kernel beats the dense bf16 GEMM on
-#: this CPU (measured, 1 thread, SmolLM2's projections: 1 row 6.8 vs 17.9 ms a pass, 4 rows
-#: 11.3 vs 15.7, 6 rows 18.5 vs 16.1): its cost grows with the rows, the dense one's barely.
-INT4_MAX_ROWS = 4
+#: this CPU: its cost grows with the rows, the dense one's barely. Measured as whole decode
+#: steps of SmolLM2 (1 thread, against the native small-GEMM kernel): 1 row 15.2 vs 17.3 ms,
+#: 3 rows 21.1 vs 22.5, 4 rows 23.0 vs 21.8.
+INT4_MAX_ROWS = 3
 
 
 class Int4Linear:

@@ -39,6 +39,12 @@ def mask_logits(
     return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
 
 
+def exponential_noise(n: int, generator: torch.Generator) -> torch.Tensor:
+    """n Exp(1) draws, the noise of one sampling step. As -log(U): on this CPU 0.2 ms for a
+    49k vocabulary, where torch's exponential_ takes 1 ms."""
+    return torch.empty(n).uniform_(generator=generator).log_().neg_()
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits: float32 [B, V], one row per request. Returns token ids and logprobs."""
@@ -71,11 +77,8 @@ class Sampler:
             probs = sub.softmax(dim=-1)
             for j, i in enumerate(rows):
                 # Exponential race (Gumbel-max): one draw per request from its own generator,
-                # so a seeded request samples the same whatever else is in the batch. The
-                # Exp(1) noise is -log(U): on this CPU 0.2 ms for a 49k vocabulary, where
-                # torch's exponential_ takes 1 ms.
-                noise = torch.empty_like(probs[j]).uniform_(generator=reqs[i].generator)
-                noise = noise.log_().neg_()
+                # so a seeded request samples the same whatever else is in the batch.
+                noise = exponential_noise(probs.shape[-1], reqs[i].generator)
                 tokens[i] = int((probs[j] / noise).argmax())
         logprobs: list[TokenLogprob | None] = [None] * len(reqs)
         if raw_logprobs is not None:

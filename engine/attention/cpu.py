@@ -1,5 +1,5 @@
 """CPU attention: the torch reference for prefill chunks, and for decodes on a bfloat16
-cache the native paged-decode kernel (`native.py`), which reads K and V straight from the
+cache the native paged-decode kernel (`engine/native.py`), which reads K and V straight from the
 paged cache (no gathered copy, V read once instead of once per query head) with blocks
 prefetched ahead.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .base import AttentionMetadata
-from .native import load_paged_decode
+from ..native import load_paged_decode
 from .torch_ref import TorchAttentionBackend
 
 

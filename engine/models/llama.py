@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..attention.base import AttentionBackend, AttentionMetadata
 from ..config import ModelConfig
+from ..native import load_small_gemm
 from ..quant import Int4Linear, Q4_1Weight
 from .rope import RotaryEmbedding
 
@@ -25,21 +26,38 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Linear:
-    """y = x @ W.T (+ b). On CPU in bfloat16 the weight is pre-packed for oneDNN, which runs
-    the small-batch (decode) GEMMs about 2x faster than the generic path; float32 keeps
-    F.linear so parity tests compare like with like."""
+    """y = x @ W.T (+ b). On CPU in bfloat16 the weight is packed once for the native
+    small-GEMM kernel (engine/csrc/small_gemm.c: ~1.7x oneDNN for decode-sized batches on
+    this CPU, never slower up to prefill sizes), or where that cannot be built, for oneDNN
+    (~2x the generic path for small batches); float32 keeps F.linear so parity tests compare
+    like with like."""
 
-    __slots__ = ("weight", "bias", "packed")
+    __slots__ = ("weight", "bias", "packed", "gemm", "out_features")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.weight = weight
         self.bias = bias
         self.packed = None
-        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _mkldnn_linear_ok():
+        self.gemm = None
+        self.out_features = weight.shape[0]
+        if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
+            return
+        gemm = load_small_gemm() if weight.shape[1] % 2 == 0 else None
+        if gemm is not None:
+            self.gemm, self.packed = gemm, gemm.pack(weight)
+            self.bias = None if bias is None else bias.contiguous()
+        elif _mkldnn_linear_ok():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
-            self.weight = None  # the packed copy is the one used; don't keep both
+        else:
+            return
+        self.weight = None  # the packed copy is the one used; don't keep both
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemm is not None:
+            if x.stride(-1) != 1:
+                x = x.contiguous()
+            return self.gemm(x, self.packed, self.out_features, self.bias,
+                             torch.get_num_threads())
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

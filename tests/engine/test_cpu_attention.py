@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from splitserve.engine.attention import build_metadata, get_backend
-from splitserve.engine.attention import native
+from splitserve.engine import native
 from splitserve.engine.attention.cpu import CpuAttentionBackend
 from splitserve.engine.attention.torch_ref import TorchAttentionBackend
 from splitserve.engine.sampling_params import SamplingParams
@@ -105,22 +105,23 @@ def test_kernel_rejects_bad_input():
         kernel(q, cache, 0, meta.decode_block_table.int(), meta.decode_seq_lens, 0.125)
 
 
-def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
+def test_build_is_cached_and_keyed_by_source(tmp_path):
     compiler = native._compiler()
     if compiler is None:
         pytest.skip("no C compiler")
-    first = native.build(tmp_path, compiler)
-    assert native.build(tmp_path, compiler) == first
+    source = native.CSRC / "paged_decode.c"
+    first = native.build(source, tmp_path, compiler)
+    assert native.build(source, tmp_path, compiler) == first
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
-    changed = tmp_path / "changed.c"
-    changed.write_text(native.SOURCE.read_text() + "\n/* another build */\n")
-    monkeypatch.setattr(native, "SOURCE", changed)
-    assert native.build(tmp_path, compiler) != first
+    changed = tmp_path / "src" / "paged_decode.c"
+    changed.parent.mkdir()
+    changed.write_text(source.read_text() + "\n/* another build */\n")
+    assert native.build(changed, tmp_path, compiler) != first
 
 
 def test_no_compiler_falls_back_to_torch(monkeypatch, caplog):
     monkeypatch.setattr(native, "_compiler", lambda: None)
-    native.load_paged_decode.cache_clear()
+    native.load_library.cache_clear()
     try:
         with caplog.at_level(logging.WARNING):
             backend = CpuAttentionBackend()
@@ -131,7 +132,7 @@ def test_no_compiler_falls_back_to_torch(monkeypatch, caplog):
         got = backend._decode(q, cache, 0, meta, 2)
         assert (got.double() - reference(cache, q, meta, 0, 2)).abs().max().item() < 2e-2
     finally:
-        native.load_paged_decode.cache_clear()
+        native.load_library.cache_clear()
 
 
 def test_auto_picks_cpu_backend_on_cpu():

@@ -1,16 +1,17 @@
 /* Paged decode attention on CPU, bfloat16 cache: one query token per request, read
  * straight from the paged KV cache (no gathered copy), softmax in float32.
  *
- * Built and loaded by engine/attention/native.py (plain C, no Python or torch headers:
+ * Built and loaded by engine/native.py (plain C, no Python or torch headers:
  * it is called through ctypes with tensor data pointers).
  *
  * Layout (the engine's): cache[num_blocks, layers, 2, block_size, kv_heads, head_dim].
  * The caller passes a pointer to this layer's K of block 0, the stride between blocks and
  * the offset from K to V inside a block, in elements.
  *
- * Per (request, kv head) task: the group's query heads score every cached token in one
- * pass over K (AVX512-BF16 dot products where the CPU has them), softmax over those
- * scores in float32, then one pass over V accumulates the weighted rows in float32.
+ * Per request (the unit split over OpenMP threads): every query head scores every cached
+ * token in one pass over K (AVX512-BF16 dot products where the CPU has them), softmax over
+ * those scores in float32, then one pass over V accumulates the weighted rows in float32,
+ * each kv head's rows read once for its whole group of query heads.
  */
 #include <math.h>
 #include <stdint.h>

@@ -1,0 +1,201 @@
+"""The engine's CPU kernels in C (`csrc/`): built with the system C compiler on first use,
+cached, loaded with ctypes.
+
+- `paged_decode.c`: decode attention over the paged bfloat16 cache (`load_paged_decode`);
+- `small_gemm.c`: bfloat16 linear layers for few rows, on weights packed at load
+  (`load_small_gemm`).
+
+Lifecycle: loading a kernel hashes its source, the compiler flags and this CPU's model and
+feature flags (`-march=native` code runs only where it was built), looks for
+`~/.cache/splitserve/kernels/<name>-<hash>.so`, and otherwise compiles it there (to a
+temporary name, then renamed, so workers starting together never load a half-written
+file). No compiler, a failed build or a failed load gives None once, with a warning, and
+callers keep their torch path. The libraries are plain C with OpenMP: no Python or torch
+headers, so any `cc` builds one in about a second, and they join the OpenMP runtime torch
+has already loaded (same soname) instead of starting a second thread pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CSRC = Path(__file__).with_name("csrc")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+COMPILERS = ("cc", "gcc", "clang")
+
+
+class PagedDecodeKernel:
+    """Decode attention for bfloat16 caches laid out as the engine's
+    [num_blocks, layers, 2, block_size, kv_heads, head_dim]."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        fn = lib.splitserve_paged_decode_bf16
+        i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+        fn.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, i64, ptr, i32, i32, i32, i32, i32,
+                       ctypes.c_float, i32]
+        fn.restype = i32
+        self._fn = fn
+
+    def __call__(self, q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
+                 block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                 num_threads: int = 1) -> torch.Tensor:
+        """q [D, heads, head_dim] (each request's heads contiguous); block_table [D, max_blocks]
+        and seq_lens [D] int64 (tokens in the cache incl. this one) → [D, heads, head_dim]."""
+        D, nh, d = q.shape
+        _, layers, two, bs, nkv, hd = kv_cache.shape
+        if kv_cache.dtype != torch.bfloat16 or q.dtype != torch.bfloat16 or hd != d or two != 2:
+            raise ValueError("the paged-decode kernel takes bfloat16 q and cache of one head_dim")
+        if not kv_cache.is_contiguous() or q.stride(2) != 1 or q.stride(1) != d:
+            raise ValueError("the paged-decode kernel takes a contiguous cache and q rows")
+        if nh % nkv or not 0 <= layer < layers:
+            raise ValueError(f"bad heads ({nh} over {nkv} kv heads) or layer {layer}")
+        for t in (block_table, seq_lens):
+            if t.dtype != torch.int64 or not t.is_contiguous():
+                raise ValueError("block_table and seq_lens must be contiguous int64")
+        if block_table.shape[0] != D or seq_lens.shape != (D,):
+            raise ValueError("block_table and seq_lens need one row per request")
+        out = torch.empty(D, nh, d, dtype=q.dtype)
+        layer_k = kv_cache.data_ptr() + layer * kv_cache.stride(1) * kv_cache.element_size()
+        rc = self._fn(q.data_ptr(), q.stride(0), out.data_ptr(), layer_k, kv_cache.stride(0),
+                      kv_cache.stride(2), block_table.data_ptr(), block_table.shape[1],
+                      seq_lens.data_ptr(), D, nkv, nh // nkv, d, bs, scale, num_threads)
+        if rc == -2:
+            raise MemoryError("paged-decode kernel: out of memory for its scratch")
+        if rc != 0:
+            raise ValueError("paged-decode kernel: a sequence length is outside its block table")
+        return out
+
+
+class SmallGemm:
+    """bfloat16 y = x @ W.T (+ b) on weights packed once by `pack` (csrc/small_gemm.c)."""
+
+    TILE_N = 64
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.splitserve_pack_bf16.argtypes = [ptr, ptr, i64, i64]
+        lib.splitserve_pack_bf16.restype = None
+        fn = lib.splitserve_small_gemm_bf16
+        fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        self._lib, self._fn = lib, fn
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """[N, K] bfloat16 (K even) → the kernel's tiled layout (N rounded up to 64)."""
+        n, k = weight.shape
+        if weight.dtype != torch.bfloat16 or k % 2:
+            raise ValueError("small_gemm packs bfloat16 weights with an even input size")
+        w = weight.contiguous()
+        out = torch.empty(-(-n // self.TILE_N) * self.TILE_N, k, dtype=torch.bfloat16)
+        self._lib.splitserve_pack_bf16(w.data_ptr(), out.data_ptr(), n, k)
+        return out
+
+    def __call__(self, x: torch.Tensor, packed: torch.Tensor, n: int,
+                 bias: torch.Tensor | None = None, num_threads: int = 1) -> torch.Tensor:
+        """x [M, K] bfloat16 with unit column stride → [M, n] bfloat16."""
+        m, k = x.shape
+        if x.dtype != torch.bfloat16 or x.stride(1) != 1 or packed.shape[1] != k:
+            raise ValueError("small_gemm takes bfloat16 rows of the packed weight's width")
+        if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
+            raise ValueError("small_gemm takes a contiguous bfloat16 bias")
+        y = torch.empty(m, n, dtype=torch.bfloat16)
+        rc = self._fn(x.data_ptr(), x.stride(0), m, packed.data_ptr(), n, k,
+                      bias.data_ptr() if bias is not None else None, y.data_ptr(), n,
+                      num_threads)
+        if rc != 0:
+            raise RuntimeError("small_gemm kernel refused its input")
+        return y
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _compiler() -> str | None:
+    return next((c for c in map(shutil.which, COMPILERS) if c), None)
+
+
+def cache_dir() -> Path:
+    return Path.home() / ".cache" / "splitserve" / "kernels"
+
+
+def build(source: Path, out_dir: Path, compiler: str) -> Path:
+    """Compile `source` into out_dir (reusing an earlier build of the same inputs)."""
+    key = hashlib.sha256()
+    for part in (source.read_bytes(), " ".join(CFLAGS).encode(), compiler.encode(),
+                 _cpu_signature().encode(), platform.machine().encode()):
+        key.update(part)
+    target = out_dir / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *CFLAGS, str(source), "-o", tmp, "-lm"], check=True,
+                       capture_output=True, text=True, timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def load_library(name: str) -> ctypes.CDLL | None:
+    """csrc/<name>.c built and loaded, or None (logged once) when that cannot be done here."""
+    what = f"{name} kernel"
+    if platform.system() != "Linux":
+        logger.info("%s: built on Linux only; using torch", what)
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        logger.warning("%s: no C compiler (%s) on PATH; using torch (slower)", what,
+                       "/".join(COMPILERS))
+        return None
+    source = CSRC / f"{name}.c"
+    try:
+        try:
+            path = build(source, cache_dir(), compiler)
+        except OSError:  # an unwritable home: build beside other temporary files
+            path = build(source, Path(tempfile.gettempdir()) / "splitserve-kernels", compiler)
+        lib = ctypes.CDLL(str(path))
+    except subprocess.CalledProcessError as e:
+        logger.warning("%s: %s failed (%s); using torch", what, compiler,
+                       (e.stderr or "").strip()[-500:])
+        return None
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.warning("%s unavailable (%s); using torch", what, e)
+        return None
+    logger.info("%s: %s", what, path)
+    return lib
+
+
+def load_paged_decode() -> PagedDecodeKernel | None:
+    lib = load_library("paged_decode")
+    return PagedDecodeKernel(lib) if lib is not None else None
+
+
+def load_small_gemm() -> SmallGemm | None:
+    lib = load_library("small_gemm")
+    if lib is None or not lib.splitserve_small_gemm_available():
+        return None
+    return SmallGemm(lib)
