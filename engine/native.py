@@ -138,9 +138,11 @@ def cache_dir() -> Path:
 
 
 def build(source: Path, out_dir: Path, compiler: str) -> Path:
-    """Compile `source` into out_dir (reusing an earlier build of the same inputs)."""
+    """Compile `source` into out_dir (reusing an earlier build of the same inputs: the
+    source, the headers beside it, flags, compiler and CPU)."""
     key = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(CFLAGS).encode(), compiler.encode(),
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]
+    for part in (source.read_bytes(), *headers, " ".join(CFLAGS).encode(), compiler.encode(),
                  _cpu_signature().encode(), platform.machine().encode()):
         key.update(part)
     target = out_dir / f"{source.stem}-{key.hexdigest()[:16]}.so"

@@ -21,22 +21,7 @@
 #include <immintrin.h>
 #endif
 
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-/* Round to nearest even, as torch does. */
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
+#include "bf16.h"
 
 #if defined(__AVX512F__)
 /* e^x for x <= 0 (float32, ~1e-7 relative): 2^n * e^r with |r| <= ln2/2, degree-6 Taylor. */
@@ -141,7 +126,6 @@ static void accumulate_head(const uint16_t *v, int64_t stride, int n, const floa
             for (int c = 0; c < d; c++) acc[j * d + c] += w * bf16_to_f32(v[t * stride + c]);
         }
 }
-
 
 /* Blocks are prefetched this many ahead, into L2 (measured on a Zen 4 core: a paged read
  * went from ~6.5 to ~10 GB/s; prefetching into L1 did not help). */

@@ -15,23 +15,10 @@
 #include <immintrin.h>
 #endif
 
+#include "bf16.h"
+
 #define TILE_N 64
 #define MAX_ROWS 6
-
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 int splitserve_small_gemm_available(void) {
 #if defined(__AVX512BF16__)

@@ -4,6 +4,7 @@ wired into the engine (bfloat16 decodes through the kernel, same tokens as `torc
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pytest
 import torch
@@ -113,10 +114,11 @@ def test_build_is_cached_and_keyed_by_source(tmp_path):
     first = native.build(source, tmp_path, compiler)
     assert native.build(source, tmp_path, compiler) == first
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
-    changed = tmp_path / "src" / "paged_decode.c"
-    changed.parent.mkdir()
-    changed.write_text(source.read_text() + "\n/* another build */\n")
-    assert native.build(changed, tmp_path, compiler) != first
+    copy = tmp_path / "src"
+    shutil.copytree(native.CSRC, copy)
+    assert native.build(copy / "paged_decode.c", tmp_path, compiler) == first
+    (copy / "bf16.h").write_text((copy / "bf16.h").read_text() + "\n/* another build */\n")
+    assert native.build(copy / "paged_decode.c", tmp_path, compiler) != first  # headers count
 
 
 def test_no_compiler_falls_back_to_torch(monkeypatch, caplog):
