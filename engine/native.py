@@ -3,7 +3,9 @@ cached, loaded with ctypes.
 
 - `paged_decode.c`: decode attention over the paged bfloat16 cache (`load_paged_decode`);
 - `small_gemm.c`: bfloat16 linear layers for few rows, on weights packed at load
-  (`load_small_gemm`).
+  (`load_small_gemm`);
+- `layer_ops.c`: a layer's elementwise steps in bfloat16 (residual add + RMSNorm, RoPE,
+  SiLU-and-multiply), one call each (`load_layer_ops`).
 
 Lifecycle: loading a kernel hashes its source, the compiler flags and this CPU's model and
 feature flags (`-march=native` code runs only where it was built), looks for
@@ -120,6 +122,65 @@ class SmallGemm:
         return y
 
 
+class LayerOps:
+    """bfloat16 elementwise steps of a Llama-family layer (csrc/layer_ops.c), each rounding
+    where the torch code it replaces rounds."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        i64, i32, ptr, f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+        lib.splitserve_add_rms_norm_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, f32, i32]
+        lib.splitserve_rope_bf16.argtypes = [ptr, i64, i64, i32, i32, ptr, ptr, ptr, i32]
+        lib.splitserve_silu_mul_bf16.argtypes = [ptr, ptr, i64, i64, i32]
+        for fn in (lib.splitserve_add_rms_norm_bf16, lib.splitserve_rope_bf16,
+                   lib.splitserve_silu_mul_bf16):
+            fn.restype = None
+        self._lib = lib
+
+    @staticmethod
+    def _check(*tensors: torch.Tensor) -> None:
+        for t in tensors:
+            if t.dtype != torch.bfloat16 or not t.is_contiguous():
+                raise ValueError("layer ops take contiguous bfloat16 tensors")
+
+    def add_rms_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+        """h += delta (in place, when given); returns RMSNorm(h) * weight. h: [T, H]."""
+        self._check(h, weight, *([delta] if delta is not None else []))
+        T, H = h.shape
+        if weight.shape != (H,) or (delta is not None and delta.shape != h.shape):
+            raise ValueError("add_rms_norm: shapes differ")
+        out = torch.empty_like(h)
+        self._lib.splitserve_add_rms_norm_bf16(
+            h.data_ptr(), delta.data_ptr() if delta is not None else None, weight.data_ptr(),
+            out.data_ptr(), T, H, eps, torch.get_num_threads())
+        return out
+
+    def rope_(self, x: torch.Tensor, heads: int, head_dim: int, positions: torch.Tensor,
+              cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotate the first `heads` heads of each row of x [T, >= heads * head_dim] in place;
+        cos, sin: [max_positions, head_dim] tables; positions: [T] int64, each inside the
+        tables (the caller checks, once a step)."""
+        self._check(cos, sin)
+        T = x.shape[0]
+        if (x.dtype != torch.bfloat16 or x.stride(1) != 1 or x.shape[1] < heads * head_dim
+                or cos.shape[1] != head_dim or head_dim % 2):
+            raise ValueError("rope_: x rows must hold the heads, in bfloat16")
+        if positions.dtype != torch.int64 or not positions.is_contiguous() or positions.shape != (T,):
+            raise ValueError("rope_: positions must be contiguous int64, one per row")
+        self._lib.splitserve_rope_bf16(x.data_ptr(), T, x.stride(0), heads, head_dim,
+                                       positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                       torch.get_num_threads())
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        """gu [T, 2I] (gate, up) → silu(gate) * up, [T, I]."""
+        self._check(gu)
+        T, two_i = gu.shape
+        out = torch.empty(T, two_i // 2, dtype=gu.dtype)
+        self._lib.splitserve_silu_mul_bf16(gu.data_ptr(), out.data_ptr(), T, two_i // 2,
+                                           torch.get_num_threads())
+        return out
+
+
 def _cpu_signature() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -201,3 +262,8 @@ def load_small_gemm() -> SmallGemm | None:
     if lib is None or not lib.splitserve_small_gemm_available():
         return None
     return SmallGemm(lib)
+
+
+def load_layer_ops() -> LayerOps | None:
+    lib = load_library("layer_ops")
+    return LayerOps(lib) if lib is not None else None

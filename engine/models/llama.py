@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..attention.base import AttentionBackend, AttentionMetadata
 from ..config import ModelConfig
-from ..native import load_small_gemm
+from ..native import load_layer_ops, load_small_gemm
 from ..quant import Int4Linear, Q4_1Weight
 from .rope import RotaryEmbedding
 
@@ -86,6 +86,9 @@ class LlamaForCausalLM:
         self.lm_head: torch.Tensor | None = None
         #: "dense" (every weight in dtype) or "q4_1" (projections 4-bit, engine/quant.py).
         self.weight_format = "dense"
+        #: On CPU in bfloat16, the layer's elementwise steps as native calls (or None).
+        self.ops = (load_layer_ops() if device.type == "cpu" and dtype == torch.bfloat16
+                    else None)
 
     def load_weights(self, sd: dict[str, torch.Tensor]) -> None:
         """Take HF-named tensors; fuses and casts them. Raises KeyError naming a missing one."""
@@ -145,28 +148,47 @@ class LlamaForCausalLM:
         q_size, kv_size = nh * d, nkv * d
         eps = cfg.rms_norm_eps
         inter = cfg.intermediate_size
-        cos, sin = self.rope.tables(positions)
+        ops = self.ops
+        if ops is not None and positions.numel() and int(positions.max()) >= self.rope.cos.shape[0]:
+            raise IndexError("a position is past the rotary tables (max_model_len)")
+        cos, sin = (None, None) if ops is not None else self.rope.tables(positions)
         h = F.embedding(input_ids, self.embed)
         T = h.shape[0]
+        delta = None  # what the previous block adds to the residual stream
         for li, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.input_norm, eps)
+            h, x = self._add_norm(h, delta, layer.input_norm)
             qkv = layer.qkv(x)
             v = qkv[:, q_size + kv_size :].view(T, nkv, d)
             if layer.q_norm is not None:
+                if cos is None:
+                    cos, sin = self.rope.tables(positions)
                 q = rms_norm(qkv[:, :q_size].view(T, nh, d), layer.q_norm, eps)
                 k = rms_norm(qkv[:, q_size : q_size + kv_size].view(T, nkv, d), layer.k_norm, eps)
                 q = self.rope.apply(q, cos, sin)
                 k = self.rope.apply(k, cos, sin)
+            elif ops is not None:  # rotate q and k in place inside qkv
+                ops.rope_(qkv, nh + nkv, d, positions, self.rope.cos, self.rope.sin)
+                q = qkv[:, :q_size].view(T, nh, d)
+                k = qkv[:, q_size : q_size + kv_size].view(T, nkv, d)
             else:  # q and k side by side: one rotation for both
                 qk = self.rope.apply(qkv[:, : q_size + kv_size].view(T, nh + nkv, d), cos, sin)
                 q, k = qk[:, :nh], qk[:, nh:]
             o = attn.forward(li, q, k, v, kv_cache, meta)
-            h = h + layer.o(o)
-            x = rms_norm(h, layer.post_norm, eps)
+            h, x = self._add_norm(h, layer.o(o), layer.post_norm)
             gu = layer.gate_up(x)
-            x = F.silu(gu[:, :inter]) * gu[:, inter:]
-            h = h + layer.down(x)
-        return rms_norm(h, self.norm, eps)
+            x = ops.silu_mul(gu) if ops is not None else F.silu(gu[:, :inter]) * gu[:, inter:]
+            delta = layer.down(x)
+        return self._add_norm(h, delta, self.norm)[1]
+
+    def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None,
+                  weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream plus `delta`, and its RMSNorm (one native call in bf16 on CPU,
+        which updates h in place)."""
+        if self.ops is not None:
+            return h, self.ops.add_rms_norm(h, delta, weight, self.cfg.rms_norm_eps)
+        if delta is not None:
+            h = h + delta
+        return h, rms_norm(h, weight, self.cfg.rms_norm_eps)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
