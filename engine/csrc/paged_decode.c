@@ -22,25 +22,7 @@
 #endif
 
 #include "bf16.h"
-
-#if defined(__AVX512F__)
-/* e^x for x <= 0 (float32, ~1e-7 relative): 2^n * e^r with |r| <= ln2/2, degree-6 Taylor. */
-static inline __m512 exp_avx512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-    __m512 p = _mm512_set1_ps(1.f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
-}
-#endif
+#include "simd.h"
 
 /* s[:n] = softmax numerators e^(s - max) normalised in place. */
 static void softmax_inplace(float *s, int64_t n) {
@@ -71,11 +53,6 @@ static void softmax_inplace(float *s, int64_t n) {
 }
 
 #if defined(__AVX512F__)
-static inline __m512 load_bf16x16(const uint16_t *p) {
-    __m256i raw = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
 /* head_dim 64, G query heads per kv head: the G x 4 accumulators stay in registers. */
 static inline __attribute__((always_inline)) void accumulate_d64(
     const uint16_t *v, int64_t stride, int n, const float *p, int64_t p_stride, const int G,
