@@ -267,3 +267,9 @@ def load_small_gemm() -> SmallGemm | None:
 def load_layer_ops() -> LayerOps | None:
     lib = load_library("layer_ops")
     return LayerOps(lib) if lib is not None else None
+
+
+def prebuild() -> dict[str, bool]:
+    """Build (or find) every kernel in csrc/ now; set-up calls it so that workers never
+    compile. Returns name -> usable here."""
+    return {src.stem: load_library(src.stem) is not None for src in sorted(CSRC.glob("*.c"))}

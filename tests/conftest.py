@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from splitserve.runtime.cli import quiet_grpc_fork_handlers
+
+# The test process uses gRPC in-process and also spawns workers: see the function.
+quiet_grpc_fork_handlers()
+
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
