@@ -252,24 +252,33 @@ def load_library(name: str) -> ctypes.CDLL | None:
     return lib
 
 
+def _vectorized(lib: ctypes.CDLL | None, probe: str) -> bool:
+    """Whether `lib` was built with AVX512-BF16 (its fast paths; without them torch's
+    vectorised ops are faster than the scalar C)."""
+    if lib is None:
+        return False
+    if not getattr(lib, probe)():
+        logger.info("%s: this CPU has no AVX512-BF16; using torch", probe)
+        return False
+    return True
+
+
 def load_paged_decode() -> PagedDecodeKernel | None:
     lib = load_library("paged_decode")
-    return PagedDecodeKernel(lib) if lib is not None else None
+    return PagedDecodeKernel(lib) if _vectorized(lib, "splitserve_paged_decode_available") else None
 
 
 def load_small_gemm() -> SmallGemm | None:
     lib = load_library("small_gemm")
-    if lib is None or not lib.splitserve_small_gemm_available():
-        return None
-    return SmallGemm(lib)
+    return SmallGemm(lib) if _vectorized(lib, "splitserve_small_gemm_available") else None
 
 
 def load_layer_ops() -> LayerOps | None:
     lib = load_library("layer_ops")
-    return LayerOps(lib) if lib is not None else None
+    return LayerOps(lib) if _vectorized(lib, "splitserve_layer_ops_available") else None
 
 
 def prebuild() -> dict[str, bool]:
     """Build (or find) every kernel in csrc/ now; set-up calls it so that workers never
-    compile. Returns name -> usable here."""
+    compile. Returns name -> built and loaded here."""
     return {src.stem: load_library(src.stem) is not None for src in sorted(CSRC.glob("*.c"))}

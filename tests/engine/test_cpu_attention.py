@@ -159,3 +159,16 @@ def test_cpu_backend_engine_matches_torch_backend_in_bf16():
         outs[backend] = eng.generate(prompts, params)
         assert eng.pool.num_free_blocks == eng.pool.num_blocks
     assert outs["cpu"] == outs["torch"]
+
+
+def test_a_library_built_without_avx512_bf16_is_not_used():
+    class Scalar:  # what a build on a CPU without AVX512-BF16 reports
+        @staticmethod
+        def splitserve_paged_decode_available():
+            return 0
+
+    assert native._vectorized(Scalar(), "splitserve_paged_decode_available") is False
+    assert native._vectorized(None, "splitserve_paged_decode_available") is False
+    lib = native.load_library("paged_decode")
+    if lib is not None:
+        assert native._vectorized(lib, "splitserve_paged_decode_available") == (kernel is not None)
