@@ -51,34 +51,54 @@ class PagedDecodeKernel:
         fn.restype = i32
         self._fn = fn
 
-    def __call__(self, q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
-                 block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                 num_threads: int = 1) -> torch.Tensor:
-        """q [D, heads, head_dim] (each request's heads contiguous); block_table [D, max_blocks]
-        and seq_lens [D] int64 (tokens in the cache incl. this one) → [D, heads, head_dim]."""
-        D, nh, d = q.shape
-        _, layers, two, bs, nkv, hd = kv_cache.shape
-        if kv_cache.dtype != torch.bfloat16 or q.dtype != torch.bfloat16 or hd != d or two != 2:
+    def check_step(self, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                   seq_lens: torch.Tensor, num_heads: int, head_dim: int) -> None:
+        """Validate what stays the same for every layer of a step (once a step: `run` does
+        not check it). block_table [D, max_blocks] and seq_lens [D] int64 (tokens in the
+        cache incl. this one)."""
+        _, _, two, _, nkv, hd = kv_cache.shape
+        if kv_cache.dtype != torch.bfloat16 or hd != head_dim or two != 2:
             raise ValueError("the paged-decode kernel takes bfloat16 q and cache of one head_dim")
-        if not kv_cache.is_contiguous() or q.stride(2) != 1 or q.stride(1) != d:
+        if not kv_cache.is_contiguous():
             raise ValueError("the paged-decode kernel takes a contiguous cache and q rows")
-        if nh % nkv or not 0 <= layer < layers:
-            raise ValueError(f"bad heads ({nh} over {nkv} kv heads) or layer {layer}")
+        if num_heads % nkv:
+            raise ValueError(f"bad heads ({num_heads} over {nkv} kv heads)")
         for t in (block_table, seq_lens):
             if t.dtype != torch.int64 or not t.is_contiguous():
                 raise ValueError("block_table and seq_lens must be contiguous int64")
-        if block_table.shape[0] != D or seq_lens.shape != (D,):
+        if seq_lens.shape != (block_table.shape[0],):
             raise ValueError("block_table and seq_lens need one row per request")
+
+    def run(self, q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
+            block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+            num_threads: int = 1) -> torch.Tensor:
+        """One layer, after `check_step` passed for this cache, table and lengths.
+        q [D, heads, head_dim] bfloat16 (each request's heads contiguous) → [D, heads,
+        head_dim]."""
+        D, nh, d = q.shape
+        if (q.dtype != torch.bfloat16 or q.stride(2) != 1 or q.stride(1) != d
+                or block_table.shape[0] != D or not 0 <= layer < kv_cache.shape[1]):
+            raise ValueError(f"the paged-decode kernel takes bfloat16 q rows, one per table "
+                             f"row, and a layer of the cache (got layer {layer})")
         out = torch.empty(D, nh, d, dtype=q.dtype)
         layer_k = kv_cache.data_ptr() + layer * kv_cache.stride(1) * kv_cache.element_size()
+        nkv = kv_cache.shape[4]
         rc = self._fn(q.data_ptr(), q.stride(0), out.data_ptr(), layer_k, kv_cache.stride(0),
                       kv_cache.stride(2), block_table.data_ptr(), block_table.shape[1],
-                      seq_lens.data_ptr(), D, nkv, nh // nkv, d, bs, scale, num_threads)
+                      seq_lens.data_ptr(), D, nkv, nh // nkv, d, kv_cache.shape[3], scale,
+                      num_threads)
         if rc == -2:
             raise MemoryError("paged-decode kernel: out of memory for its scratch")
         if rc != 0:
             raise ValueError("paged-decode kernel: a sequence length is outside its block table")
         return out
+
+    def __call__(self, q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
+                 block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                 num_threads: int = 1) -> torch.Tensor:
+        """`check_step` and `run` together: one layer, everything validated."""
+        self.check_step(kv_cache, block_table, seq_lens, q.shape[1], q.shape[2])
+        return self.run(q, kv_cache, layer, block_table, seq_lens, scale, num_threads)
 
 
 class SmallGemm:
@@ -252,30 +272,40 @@ def load_library(name: str) -> ctypes.CDLL | None:
     return lib
 
 
-def _vectorized(lib: ctypes.CDLL | None, probe: str) -> bool:
-    """Whether `lib` was built with AVX512-BF16 (its fast paths; without them torch's
-    vectorised ops are faster than the scalar C)."""
+def _vectorized(lib: ctypes.CDLL | None, name: str) -> bool:
+    """Whether csrc/<name>.c was built with AVX512-BF16 (its fast paths; without them
+    torch's vectorised ops are faster than the scalar C)."""
     if lib is None:
         return False
-    if not getattr(lib, probe)():
-        logger.info("%s: this CPU has no AVX512-BF16; using torch", probe)
+    if not getattr(lib, f"splitserve_{name}_available")():
+        logger.info("%s kernel: this CPU has no AVX512-BF16; using torch", name)
         return False
     return True
 
 
+# One wrapper per process (every Linear asks for the GEMM at load).
+@functools.lru_cache(maxsize=1)
 def load_paged_decode() -> PagedDecodeKernel | None:
     lib = load_library("paged_decode")
-    return PagedDecodeKernel(lib) if _vectorized(lib, "splitserve_paged_decode_available") else None
+    return PagedDecodeKernel(lib) if _vectorized(lib, "paged_decode") else None
 
 
+@functools.lru_cache(maxsize=1)
 def load_small_gemm() -> SmallGemm | None:
     lib = load_library("small_gemm")
-    return SmallGemm(lib) if _vectorized(lib, "splitserve_small_gemm_available") else None
+    return SmallGemm(lib) if _vectorized(lib, "small_gemm") else None
 
 
+@functools.lru_cache(maxsize=1)
 def load_layer_ops() -> LayerOps | None:
     lib = load_library("layer_ops")
-    return LayerOps(lib) if _vectorized(lib, "splitserve_layer_ops_available") else None
+    return LayerOps(lib) if _vectorized(lib, "layer_ops") else None
+
+
+def clear_caches() -> None:
+    """Forget loaded kernels (tests that change what a load finds)."""
+    for fn in (load_library, load_paged_decode, load_small_gemm, load_layer_ops):
+        fn.cache_clear()
 
 
 def prebuild() -> dict[str, bool]:

@@ -220,10 +220,10 @@ class Scheduler:
             status = self._check_stop(req, token)
             if status is not None:
                 self.finish(req, status)
-            out_ = self.make_output(req)
+            output = self.make_output(req)
             if status is not None and req.request_id in self.pinned:
-                out_.kv_blocks = self.pinned_blocks(req.request_id)
-            results.append(out_)
+                output.kv_blocks = self.pinned_blocks(req.request_id)
+            results.append(output)
         return results
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:

@@ -25,17 +25,26 @@ class CpuAttentionBackend(TorchAttentionBackend):
     def __init__(self) -> None:
         self.kernel = load_paged_decode()
 
-    def _native(self, kv_cache: torch.Tensor) -> bool:
-        return (self.kernel is not None and kv_cache.dtype == torch.bfloat16
-                and kv_cache.device.type == "cpu")
-
     def begin_step(self, meta, kv_cache, num_heads, num_kv_heads, head_dim) -> None:
-        if not self._native(kv_cache):
+        """Native decodes: the step's cache, tables and lengths checked once here (not once a
+        layer); otherwise the torch backend's preparation."""
+        if not meta.num_decodes:
+            return
+        if self.kernel is None or kv_cache.dtype != torch.bfloat16 or kv_cache.device.type != "cpu":
             super().begin_step(meta, kv_cache, num_heads, num_kv_heads, head_dim)
+            return
+        self.kernel.check_step(kv_cache, meta.decode_block_table, meta.decode_seq_lens,
+                               num_heads, head_dim)
+        meta.backend_state = _NATIVE
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
                 meta: AttentionMetadata, nkv: int) -> torch.Tensor:
-        if not self._native(kv_cache):
+        if meta.backend_state is not _NATIVE:
             return super()._decode(q, kv_cache, layer, meta, nkv)
-        return self.kernel(q, kv_cache, layer, meta.decode_block_table, meta.decode_seq_lens,
-                           q.shape[-1] ** -0.5, torch.get_num_threads())
+        return self.kernel.run(q, kv_cache, layer, meta.decode_block_table,
+                               meta.decode_seq_lens, q.shape[-1] ** -0.5,
+                               torch.get_num_threads())
+
+
+#: backend_state of a step whose decodes the kernel runs.
+_NATIVE = "native-paged-decode"

@@ -138,7 +138,6 @@ static void decode_request(const uint16_t *q, uint16_t *out, const uint16_t *lay
         qf[i] = bf16_to_f32(q[i]) * scale;
         qb[i] = f32_to_bf16(qf[i]);
     }
-    (void)qb;
     for (int64_t b = 0; b < nblocks; b++) {
         const uint16_t *k = layer_k + table[b] * block_stride;
         prefetch_ahead(layer_k, table, block_stride, b, nblocks, blk_bytes);

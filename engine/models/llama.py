@@ -149,9 +149,10 @@ class LlamaForCausalLM:
         eps = cfg.rms_norm_eps
         inter = cfg.intermediate_size
         ops = self.ops
-        if ops is not None and positions.numel() and int(positions.max()) >= self.rope.cos.shape[0]:
+        native_rope = ops is not None and not cfg.qk_norm  # q and k rotated in place in qkv
+        if native_rope and positions.numel() and int(positions.max()) >= self.rope.cos.shape[0]:
             raise IndexError("a position is past the rotary tables (max_model_len)")
-        cos, sin = (None, None) if ops is not None else self.rope.tables(positions)
+        cos, sin = (None, None) if native_rope else self.rope.tables(positions)
         h = F.embedding(input_ids, self.embed)
         T = h.shape[0]
         delta = None  # what the previous block adds to the residual stream
@@ -160,13 +161,11 @@ class LlamaForCausalLM:
             qkv = layer.qkv(x)
             v = qkv[:, q_size + kv_size :].view(T, nkv, d)
             if layer.q_norm is not None:
-                if cos is None:
-                    cos, sin = self.rope.tables(positions)
                 q = rms_norm(qkv[:, :q_size].view(T, nh, d), layer.q_norm, eps)
                 k = rms_norm(qkv[:, q_size : q_size + kv_size].view(T, nkv, d), layer.k_norm, eps)
                 q = self.rope.apply(q, cos, sin)
                 k = self.rope.apply(k, cos, sin)
-            elif ops is not None:  # rotate q and k in place inside qkv
+            elif native_rope:
                 ops.rope_(qkv, nh + nkv, d, positions, self.rope.cos, self.rope.sin)
                 q = qkv[:, :q_size].view(T, nh, d)
                 k = qkv[:, q_size : q_size + kv_size].view(T, nkv, d)

@@ -123,7 +123,7 @@ def test_build_is_cached_and_keyed_by_source(tmp_path):
 
 def test_no_compiler_falls_back_to_torch(monkeypatch, caplog):
     monkeypatch.setattr(native, "_compiler", lambda: None)
-    native.load_library.cache_clear()
+    native.clear_caches()
     try:
         with caplog.at_level(logging.WARNING):
             backend = CpuAttentionBackend()
@@ -134,7 +134,7 @@ def test_no_compiler_falls_back_to_torch(monkeypatch, caplog):
         got = backend._decode(q, cache, 0, meta, 2)
         assert (got.double() - reference(cache, q, meta, 0, 2)).abs().max().item() < 2e-2
     finally:
-        native.load_library.cache_clear()
+        native.clear_caches()
 
 
 def test_auto_picks_cpu_backend_on_cpu():
@@ -167,8 +167,8 @@ def test_a_library_built_without_avx512_bf16_is_not_used():
         def splitserve_paged_decode_available():
             return 0
 
-    assert native._vectorized(Scalar(), "splitserve_paged_decode_available") is False
-    assert native._vectorized(None, "splitserve_paged_decode_available") is False
+    assert native._vectorized(Scalar(), "paged_decode") is False
+    assert native._vectorized(None, "paged_decode") is False
     lib = native.load_library("paged_decode")
     if lib is not None:
-        assert native._vectorized(lib, "splitserve_paged_decode_available") == (kernel is not None)
+        assert native._vectorized(lib, "paged_decode") == (kernel is not None)
