@@ -215,7 +215,7 @@ def test_decode_pool_follows_a_load_step(tmp_path):
     profile_path = tmp_path / "profile.json"
     subprocess.run(
         _cli("--log-level", "WARNING", "profile", "--isl", "64", "128", "--batch", "1", "2", "4",
-             "--context", "128", "256", "--decode-steps", "2", "--kv-cache-memory", "64MiB", "--json",
+             "--context", "128", "256", "--decode-steps", "6", "--kv-cache-memory", "64MiB", "--json",
              str(profile_path)),
         check=True, env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=180,
     )
