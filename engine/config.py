@@ -79,8 +79,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     #: auto (flashinfer on CUDA when installed, cpu on CPU) | torch | cpu | flashinfer.
     attention_backend: str = "auto"
-    #: auto (on CPU in bfloat16, also keep a GGUF file's Q4_1 weights 4-bit and run steps of
-    #: up to 3 tokens with torch's int4 kernel: faster decode, more memory) | none (dequantize
+    #: auto (on CPU in bfloat16, also keep a GGUF file's Q4_1 weights 4-bit and run small
+    #: steps with a 4-bit kernel, engine/quant.py: faster decode, more memory) | none (dequantize
     #: every weight to dtype only) | q4_1 (the 4-bit copy in any CPU dtype).
     quantization: str = "auto"
     #: torch intra-op threads for this engine; None leaves torch's default.

@@ -48,16 +48,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def keep_q4_1(config: EngineConfig) -> bool:
     """Whether to load a GGUF file's Q4_1 matrices 4-bit (see EngineConfig.quantization)."""
+    from .native import load_q4_gemm
     from .quant import int4_kernel_available
 
     if config.quantization == "none":
         return False
     device = resolve_device(config.device)
-    if device.type != "cpu" or not int4_kernel_available():
+    dtype = resolve_dtype(config.dtype, device) if device.type == "cpu" else None
+    # bfloat16: the native kernel, else torch's; other dtypes: torch's int4 kernel only.
+    kernel = int4_kernel_available() or (dtype == torch.bfloat16 and load_q4_gemm() is not None)
+    if device.type != "cpu" or not kernel:
         if config.quantization == "q4_1":
-            raise ValueError("quantization q4_1 runs on CPU only (torch's int4 CPU kernel)")
+            raise ValueError("quantization q4_1 runs on CPU only (a 4-bit CPU kernel: ours in "
+                             "bfloat16, or torch's int4 kernel)")
         return False
-    return config.quantization == "q4_1" or resolve_dtype(config.dtype, device) == torch.bfloat16
+    return config.quantization == "q4_1" or dtype == torch.bfloat16
 
 
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -4,6 +4,8 @@ cached, loaded with ctypes.
 - `paged_decode.c`: decode attention over the paged bfloat16 cache (`load_paged_decode`);
 - `small_gemm.c`: bfloat16 linear layers for few rows, on weights packed at load
   (`load_small_gemm`);
+- `q4_gemm.c`: linear layers for few rows straight from GGUF Q4_1 weights kept 4-bit
+  (`load_q4_gemm`);
 - `layer_ops.c`: a layer's elementwise steps in bfloat16 (residual add + RMSNorm, RoPE,
   SiLU-and-multiply), one call each (`load_layer_ops`).
 
@@ -139,6 +141,55 @@ class SmallGemm:
                       num_threads)
         if rc != 0:
             raise RuntimeError("small_gemm kernel refused its input")
+        return y
+
+
+class Q4Gemm:
+    """bfloat16 y = x @ W.T (+ b) for a Q4_1 weight (`engine.quant.Q4_1Weight`) packed once by
+    `pack` (csrc/q4_gemm.c): 5 bits a weight read per step instead of 16."""
+
+    TILE_N, GROUP, TILE_GROUP_BYTES = 16, 32, 320
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.splitserve_pack_q4_1.argtypes = [ptr, ptr, ptr, ptr, i64, i64]
+        lib.splitserve_pack_q4_1.restype = None
+        fn = lib.splitserve_q4_gemm_bf16
+        fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        self._lib, self._fn = lib, fn
+
+    def pack(self, w) -> torch.Tensor:
+        """A Q4_1Weight [N, K] (K a multiple of 32) → the kernel's tiled layout, uint8."""
+        n, k = w.shape
+        if k % self.GROUP:
+            raise ValueError(f"q4_gemm packs rows of a multiple of {self.GROUP} weights, got {k}")
+        q = w.q.to(torch.uint8).contiguous()
+        d = w.d.to(torch.float16).contiguous()  # exact: GGUF stores them as fp16
+        m = w.m.to(torch.float16).contiguous()
+        tiles = -(-n // self.TILE_N)
+        out = torch.empty(tiles * (k // self.GROUP) * self.TILE_GROUP_BYTES, dtype=torch.uint8)
+        self._lib.splitserve_pack_q4_1(q.data_ptr(), d.data_ptr(), m.data_ptr(), out.data_ptr(),
+                                       n, k)
+        return out
+
+    def __call__(self, x: torch.Tensor, packed: torch.Tensor, n: int,
+                 bias: torch.Tensor | None = None, num_threads: int = 1) -> torch.Tensor:
+        """x [M, K] bfloat16 with unit column stride → [M, n] bfloat16."""
+        m, k = x.shape
+        want = -(-n // self.TILE_N) * (k // self.GROUP) * self.TILE_GROUP_BYTES
+        if x.dtype != torch.bfloat16 or x.stride(1) != 1 or k % self.GROUP or packed.numel() != want:
+            raise ValueError("q4_gemm takes bfloat16 rows of the packed weight's width")
+        if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
+            raise ValueError("q4_gemm takes a contiguous bfloat16 bias")
+        y = torch.empty(m, n, dtype=torch.bfloat16)
+        rc = self._fn(x.data_ptr(), x.stride(0), m, packed.data_ptr(), n, k,
+                      bias.data_ptr() if bias is not None else None, y.data_ptr(), n,
+                      num_threads)
+        if rc == -2:
+            raise MemoryError("q4_gemm kernel: out of memory for its scratch")
+        if rc != 0:
+            raise RuntimeError("q4_gemm kernel refused its input")
         return y
 
 
@@ -297,6 +348,12 @@ def load_small_gemm() -> SmallGemm | None:
 
 
 @functools.lru_cache(maxsize=1)
+def load_q4_gemm() -> Q4Gemm | None:
+    lib = load_library("q4_gemm")
+    return Q4Gemm(lib) if _vectorized(lib, "q4_gemm") else None
+
+
+@functools.lru_cache(maxsize=1)
 def load_layer_ops() -> LayerOps | None:
     lib = load_library("layer_ops")
     return LayerOps(lib) if _vectorized(lib, "layer_ops") else None
@@ -304,7 +361,7 @@ def load_layer_ops() -> LayerOps | None:
 
 def clear_caches() -> None:
     """Forget loaded kernels (tests that change what a load finds)."""
-    for fn in (load_library, load_paged_decode, load_small_gemm, load_layer_ops):
+    for fn in (load_library, load_paged_decode, load_small_gemm, load_q4_gemm, load_layer_ops):
         fn.cache_clear()
 
 

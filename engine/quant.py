@@ -1,12 +1,17 @@
-"""GGUF Q4_1 weights kept 4-bit, run with torch's int4 weight-only CPU kernel.
+"""GGUF Q4_1 weights kept 4-bit for small-batch decode on CPU.
 
 A Q4_1 block holds 32 consecutive weights of one row: an fp16 scale `d`, an fp16 minimum
-`m` and 32 4-bit values `q`, with w = d*q + m. torch's int4 kernel
-(`aten._weight_int4pack_mm_for_cpu`) computes with w = (q - 8)*scale + zero per group of 32
-along the input dimension, so the file's own numbers map onto it with scale = d and
-zero = m + 8d: small-batch decode, which is bound by reading weights, reads the weights the
-file stores (4.5 bits a weight instead of 16). This is for speed, not memory: a dense copy
-is kept too, for the larger steps where the int4 kernel loses (`Int4Linear`).
+`m` and 32 4-bit values `q`, with w = d*q + m. Small-batch decode is bound by reading
+weights, so reading the 4.5 bits a weight the file stores beats reading 16. Two kernels:
+
+- in bfloat16, the native Q4_1 kernel (engine/csrc/q4_gemm.c), which takes the file's
+  numbers as they are;
+- otherwise (no compiler, float32) torch's int4 weight-only kernel
+  (`aten._weight_int4pack_mm_for_cpu`), which computes w = (q - 8)*scale + zero per group
+  of 32, so scale = d and zero = m + 8d.
+
+This is for speed, not memory: a dense copy is kept too, for the larger steps where the
+4-bit kernels lose (`Int4Linear`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .native import load_q4_gemm
 
 #: Weights per Q4_1 block (ggml's QK4_1) and bytes per block (d, m, 16 bytes of nibbles).
 Q4_1_GROUP = 32
@@ -70,35 +77,54 @@ def int4_kernel_available() -> bool:
             and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
 
 
-#: Up to this many rows (tokens in the step) the int4 kernel beats the dense bf16 GEMM on
+#: Up to this many rows (tokens in the step) torch's int4 kernel beats the dense bf16 GEMM on
 #: this CPU: its cost grows with the rows, the dense one's barely. Measured as whole decode
 #: steps of SmolLM2 (1 thread, against the native small-GEMM kernel): 1 row 15.2 vs 17.3 ms,
 #: 3 rows 21.1 vs 22.5, 4 rows 23.0 vs 21.8.
 INT4_MAX_ROWS = 3
 
+#: The same crossover for the native Q4_1 kernel. SmolLM2's 30 layers of projections (1
+#: thread, weights in DRAM), Q4_1 kernel vs small-GEMM: 1 row 3.6 vs 10.1 ms, 4 rows 7.0 vs
+#: 9.5, 8 rows 11.7 vs 13.5, 16 rows 22.5 vs 19.8 (torch's int4 kernel: 6.8 ms at 1 row).
+Q4_MAX_ROWS = 12
+
 
 class Int4Linear:
-    """y = x @ W.T (+ b) with W a Q4_1Weight, on CPU: small batches (decode) through the int4
+    """y = x @ W.T (+ b) with W a Q4_1Weight, on CPU: small batches (decode) through a 4-bit
     kernel, larger ones (prefill, big decode batches) through `dense`, the same weights
-    dequantized. Activations, scales and output are in `dtype`; in float32 the scales are
-    exact and the result equals the dequantized GEMM up to summation order."""
+    dequantized. Activations and output are in `dtype`. In bfloat16 the native kernel runs
+    where it was built (exact fp16 d and m, float32 sums); otherwise torch's int4 kernel,
+    whose scales are in `dtype` (in float32 exact: the result equals the dequantized GEMM
+    up to summation order)."""
 
-    __slots__ = ("packed", "scales_zeros", "bias", "out_features", "dense")
+    __slots__ = ("packed", "scales_zeros", "bias", "out_features", "dense", "q4", "max_rows")
 
     def __init__(self, w: Q4_1Weight, bias: torch.Tensor | None, dtype: torch.dtype,
                  dense=None) -> None:
         rows, _ = w.shape
         self.dense = dense
+        self.bias = bias
+        self.out_features = rows
+        self.q4 = load_q4_gemm() if dtype == torch.bfloat16 else None
+        self.scales_zeros = None
+        if self.q4 is not None:
+            self.packed = self.q4.pack(w)
+            self.bias = None if bias is None else bias.contiguous()
+            self.max_rows = Q4_MAX_ROWS
+            return
+        self.max_rows = INT4_MAX_ROWS
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.q.to(torch.int32), 2)
         zero = w.m + 8.0 * w.d
         # [groups, rows, 2]: the kernel's layout.
         self.scales_zeros = torch.stack([w.d.t(), zero.t()], dim=-1).to(dtype).contiguous()
-        self.bias = bias
-        self.out_features = rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None and x.shape[0] > INT4_MAX_ROWS:
+        if self.dense is not None and x.shape[0] > self.max_rows:
             return self.dense(x)
+        if self.q4 is not None:
+            if x.stride(-1) != 1:
+                x = x.contiguous()
+            return self.q4(x, self.packed, self.out_features, self.bias, torch.get_num_threads())
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, Q4_1_GROUP,
                                                       self.scales_zeros)
         return y if self.bias is None else y + self.bias

@@ -1,4 +1,5 @@
-"""engine/quant.py: GGUF Q4_1 weights kept 4-bit and run with torch's int4 CPU kernel.
+"""engine/quant.py: GGUF Q4_1 weights kept 4-bit and run with a 4-bit CPU kernel (torch's
+int4 kernel here; the native one has tests/engine/test_q4_gemm.py).
 
 The 4-bit weights must be exactly the file's numbers (checked against gguf's own
 dequantizer and against the dense state dict on the default model), the kernel must compute
@@ -101,7 +102,10 @@ def test_large_batches_take_the_dense_path():
 def test_quantization_setting():
     assert not keep_q4_1(EngineConfig(dtype="float32", device="cpu"))
     assert not keep_q4_1(EngineConfig(dtype="bfloat16", device="cpu", quantization="none"))
-    assert keep_q4_1(EngineConfig(dtype="bfloat16", device="cpu")) == int4_kernel_available()
+    from splitserve.engine.native import load_q4_gemm
+
+    assert keep_q4_1(EngineConfig(dtype="bfloat16", device="cpu")) == (
+        int4_kernel_available() or load_q4_gemm() is not None)
     with pytest.raises(ValueError, match="quantization must be"):
         EngineConfig(quantization="gptq")
 
