@@ -16,7 +16,7 @@ from .block_pool import BlockPool, KvEventSink
 from .config import EngineConfig, ModelConfig
 from .errors import EngineInputError
 from .kv_cache_manager import KVCacheManager
-from .model_runner import ModelRunner, keep_q4_1
+from .model_runner import ModelRunner, keep_quantized
 from .outputs import EngineStats, RequestOutput
 from .request import Request, RequestStatus
 from .sampler import exponential_noise
@@ -43,7 +43,7 @@ class Engine:
             source = resolve_model(config.model)
             model_config = load_model_config(source)
             state_dict = load_state_dict(source, torch.float32, progress=config.progress,
-                                         keep_q4_1=keep_q4_1(config))
+                                         keep_quantized=keep_quantized(config))
         self.model_config = model_config
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
         self.runner = ModelRunner(config, model_config, state_dict, self.max_model_len)

@@ -4,8 +4,8 @@ cached, loaded with ctypes.
 - `paged_decode.c`: decode attention over the paged bfloat16 cache (`load_paged_decode`);
 - `small_gemm.c`: bfloat16 linear layers for few rows, on weights packed at load
   (`load_small_gemm`);
-- `q4_gemm.c`: linear layers for few rows straight from GGUF Q4_1 weights kept 4-bit
-  (`load_q4_gemm`);
+- `quant_gemm.c`: linear layers for few rows straight from GGUF Q4_1 / Q8_0 weights kept
+  quantized (`load_quant_gemm`);
 - `layer_ops.c`: a layer's elementwise steps in bfloat16 (residual add + RMSNorm, RoPE,
   SiLU-and-multiply), one call each (`load_layer_ops`).
 
@@ -30,6 +30,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -144,52 +145,72 @@ class SmallGemm:
         return y
 
 
-class Q4Gemm:
-    """bfloat16 y = x @ W.T (+ b) for a Q4_1 weight (`engine.quant.Q4_1Weight`) packed once by
-    `pack` (csrc/q4_gemm.c): 5 bits a weight read per step instead of 16."""
+@dataclass(frozen=True)
+class PackedQuant:
+    """A quantized weight in QuantGemm's layout: fmt "q4_1" or "q8_0", [n, k] logically."""
 
-    TILE_N, GROUP, TILE_GROUP_BYTES = 16, 32, 320
+    fmt: str
+    data: torch.Tensor
+    n: int
+    k: int
+
+
+class QuantGemm:
+    """bfloat16 y = x @ W.T (+ b) for a GGUF Q4_1 or Q8_0 weight (`engine.quant`) packed once
+    by `pack` (csrc/quant_gemm.c): 5 (Q4_1) or 8.5 (Q8_0) bits a weight read per step
+    instead of 16."""
+
+    TILE_N, GROUP = 16, 32
+    BYTES = {"q4_1": 320, "q8_0": 544}  # a tile's group of 32 inputs, packed
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.splitserve_pack_q4_1.argtypes = [ptr, ptr, ptr, ptr, i64, i64]
-        lib.splitserve_pack_q4_1.restype = None
-        fn = lib.splitserve_q4_gemm_bf16
-        fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
-        fn.restype = ctypes.c_int
-        self._lib, self._fn = lib, fn
+        lib.splitserve_pack_q8_0.argtypes = [ptr, ptr, ptr, i64, i64]
+        self._fns = {"q4_1": lib.splitserve_q4_1_gemm_bf16, "q8_0": lib.splitserve_q8_0_gemm_bf16}
+        for fn in (lib.splitserve_pack_q4_1, lib.splitserve_pack_q8_0):
+            fn.restype = None
+        for fn in self._fns.values():
+            fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
+            fn.restype = ctypes.c_int
+        self._lib = lib
 
-    def pack(self, w) -> torch.Tensor:
-        """A Q4_1Weight [N, K] (K a multiple of 32) → the kernel's tiled layout, uint8."""
+    def pack(self, w) -> PackedQuant:
+        """A Q4_1Weight or Q8_0Weight [N, K] (K a multiple of 32) → the kernel's layout."""
         n, k = w.shape
         if k % self.GROUP:
-            raise ValueError(f"q4_gemm packs rows of a multiple of {self.GROUP} weights, got {k}")
-        q = w.q.to(torch.uint8).contiguous()
+            raise ValueError(f"quant_gemm packs rows of a multiple of {self.GROUP} weights, got {k}")
+        fmt = w.FORMAT
         d = w.d.to(torch.float16).contiguous()  # exact: GGUF stores them as fp16
-        m = w.m.to(torch.float16).contiguous()
-        tiles = -(-n // self.TILE_N)
-        out = torch.empty(tiles * (k // self.GROUP) * self.TILE_GROUP_BYTES, dtype=torch.uint8)
-        self._lib.splitserve_pack_q4_1(q.data_ptr(), d.data_ptr(), m.data_ptr(), out.data_ptr(),
-                                       n, k)
-        return out
+        out = torch.empty(-(-n // self.TILE_N) * (k // self.GROUP) * self.BYTES[fmt],
+                          dtype=torch.uint8)
+        if fmt == "q4_1":
+            q = w.q.to(torch.uint8).contiguous()
+            m = w.m.to(torch.float16).contiguous()
+            self._lib.splitserve_pack_q4_1(q.data_ptr(), d.data_ptr(), m.data_ptr(),
+                                           out.data_ptr(), n, k)
+        else:
+            q = w.q.to(torch.int8).contiguous()
+            self._lib.splitserve_pack_q8_0(q.data_ptr(), d.data_ptr(), out.data_ptr(), n, k)
+        return PackedQuant(fmt, out, n, k)
 
-    def __call__(self, x: torch.Tensor, packed: torch.Tensor, n: int,
-                 bias: torch.Tensor | None = None, num_threads: int = 1) -> torch.Tensor:
-        """x [M, K] bfloat16 with unit column stride → [M, n] bfloat16."""
+    def __call__(self, x: torch.Tensor, w: PackedQuant, bias: torch.Tensor | None = None,
+                 num_threads: int = 1) -> torch.Tensor:
+        """x [M, K] bfloat16 with unit column stride → [M, N] bfloat16."""
         m, k = x.shape
-        want = -(-n // self.TILE_N) * (k // self.GROUP) * self.TILE_GROUP_BYTES
-        if x.dtype != torch.bfloat16 or x.stride(1) != 1 or k % self.GROUP or packed.numel() != want:
-            raise ValueError("q4_gemm takes bfloat16 rows of the packed weight's width")
-        if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
-            raise ValueError("q4_gemm takes a contiguous bfloat16 bias")
-        y = torch.empty(m, n, dtype=torch.bfloat16)
-        rc = self._fn(x.data_ptr(), x.stride(0), m, packed.data_ptr(), n, k,
-                      bias.data_ptr() if bias is not None else None, y.data_ptr(), n,
-                      num_threads)
+        if x.dtype != torch.bfloat16 or x.stride(1) != 1 or k != w.k:
+            raise ValueError("quant_gemm takes bfloat16 rows of the packed weight's width")
+        if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()
+                                 or bias.shape != (w.n,)):
+            raise ValueError("quant_gemm takes a contiguous bfloat16 bias, one per output")
+        y = torch.empty(m, w.n, dtype=torch.bfloat16)
+        rc = self._fns[w.fmt](x.data_ptr(), x.stride(0), m, w.data.data_ptr(), w.n, k,
+                              bias.data_ptr() if bias is not None else None, y.data_ptr(), w.n,
+                              num_threads)
         if rc == -2:
-            raise MemoryError("q4_gemm kernel: out of memory for its scratch")
+            raise MemoryError("quant_gemm kernel: out of memory for its scratch")
         if rc != 0:
-            raise RuntimeError("q4_gemm kernel refused its input")
+            raise RuntimeError("quant_gemm kernel refused its input")
         return y
 
 
@@ -348,9 +369,9 @@ def load_small_gemm() -> SmallGemm | None:
 
 
 @functools.lru_cache(maxsize=1)
-def load_q4_gemm() -> Q4Gemm | None:
-    lib = load_library("q4_gemm")
-    return Q4Gemm(lib) if _vectorized(lib, "q4_gemm") else None
+def load_quant_gemm() -> QuantGemm | None:
+    lib = load_library("quant_gemm")
+    return QuantGemm(lib) if _vectorized(lib, "quant_gemm") else None
 
 
 @functools.lru_cache(maxsize=1)
@@ -361,7 +382,7 @@ def load_layer_ops() -> LayerOps | None:
 
 def clear_caches() -> None:
     """Forget loaded kernels (tests that change what a load finds)."""
-    for fn in (load_library, load_paged_decode, load_small_gemm, load_q4_gemm, load_layer_ops):
+    for fn in (load_library, load_paged_decode, load_small_gemm, load_quant_gemm, load_layer_ops):
         fn.cache_clear()
 
 

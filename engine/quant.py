@@ -1,38 +1,57 @@
-"""GGUF Q4_1 weights kept 4-bit for small-batch decode on CPU.
+"""GGUF Q4_1 (and Q8_0) weights kept quantized for small-batch decode on CPU.
 
 A Q4_1 block holds 32 consecutive weights of one row: an fp16 scale `d`, an fp16 minimum
 `m` and 32 4-bit values `q`, with w = d*q + m. Small-batch decode is bound by reading
 weights, so reading the 4.5 bits a weight the file stores beats reading 16. Two kernels:
 
-- in bfloat16, the native Q4_1 kernel (engine/csrc/q4_gemm.c), which takes the file's
-  numbers as they are;
+- in bfloat16, the native kernel (engine/csrc/quant_gemm.c), which takes the file's
+  numbers as they are; it also runs Q8_0 (w = d*q, q an int8: SmolLM2's embedding, which
+  its tied lm_head reads every step);
 - otherwise (no compiler, float32) torch's int4 weight-only kernel
   (`aten._weight_int4pack_mm_for_cpu`), which computes w = (q - 8)*scale + zero per group
   of 32, so scale = d and zero = m + 8d.
 
 This is for speed, not memory: a dense copy is kept too, for the larger steps where the
-4-bit kernels lose (`Int4Linear`).
+quantized kernels lose (`QuantLinear`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-from .native import load_q4_gemm
+from .native import load_quant_gemm
 
 #: Weights per Q4_1 block (ggml's QK4_1) and bytes per block (d, m, 16 bytes of nibbles).
 Q4_1_GROUP = 32
 Q4_1_BLOCK_BYTES = 20
 
 
+#: Q8_0: 32 weights a block, an fp16 scale then 32 int8s.
+Q8_0_BLOCK_BYTES = 34
+
+
+class _RowBlocks:
+    """Row operations shared by the block formats (every field is [rows, ...])."""
+
+    def map_rows(self, fn):
+        """Apply a row reordering (e.g. the q/k un-permutation) to every part alike."""
+        return type(self)(*(fn(getattr(self, f.name)).contiguous() for f in fields(self)))
+
+    @classmethod
+    def cat(cls, parts: list):
+        """Stack along rows (fused q/k/v or gate/up projections)."""
+        return cls(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
+
 @dataclass
-class Q4_1Weight:
+class Q4_1Weight(_RowBlocks):
     """A [rows, cols] Q4_1 matrix: q uint8 [rows, cols] in 0..15, d and m float32
     [rows, cols // 32]."""
 
+    FORMAT = "q4_1"
     q: torch.Tensor
     d: torch.Tensor
     m: torch.Tensor
@@ -61,15 +80,36 @@ class Q4_1Weight:
         q = self.q.view(rows, cols // Q4_1_GROUP, Q4_1_GROUP).float()
         return (self.d[..., None] * q + self.m[..., None]).reshape(rows, cols)
 
-    def map_rows(self, fn) -> "Q4_1Weight":
-        """Apply a row reordering (e.g. the q/k un-permutation) to every part alike."""
-        return Q4_1Weight(fn(self.q).contiguous(), fn(self.d).contiguous(), fn(self.m).contiguous())
 
-    @staticmethod
-    def cat(parts: list["Q4_1Weight"]) -> "Q4_1Weight":
-        """Stack along rows (fused q/k/v or gate/up projections)."""
-        return Q4_1Weight(torch.cat([p.q for p in parts]), torch.cat([p.d for p in parts]),
-                          torch.cat([p.m for p in parts]))
+@dataclass
+class Q8_0Weight(_RowBlocks):
+    """A [rows, cols] Q8_0 matrix: q int8 [rows, cols], d float32 [rows, cols // 32];
+    w = d * q."""
+
+    FORMAT = "q8_0"
+    q: torch.Tensor
+    d: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    @classmethod
+    def from_gguf_blocks(cls, raw: np.ndarray, rows: int, cols: int) -> "Q8_0Weight":
+        """Parse ggml's Q8_0 bytes ([rows, cols / 32 * 34] uint8)."""
+        if cols % Q4_1_GROUP:
+            raise ValueError(f"Q8_0 rows must be a multiple of {Q4_1_GROUP} long, got {cols}")
+        blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, cols // Q4_1_GROUP,
+                                                                   Q8_0_BLOCK_BYTES)
+        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        q = blocks[..., 2:].copy().view(np.int8).reshape(rows, cols)
+        return cls(torch.from_numpy(q), torch.from_numpy(d))
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [rows, cols], as ggml computes it (d * q)."""
+        rows, cols = self.shape
+        q = self.q.view(rows, cols // Q4_1_GROUP, Q4_1_GROUP).float()
+        return (self.d[..., None] * q).reshape(rows, cols)
 
 
 def int4_kernel_available() -> bool:
@@ -83,48 +123,60 @@ def int4_kernel_available() -> bool:
 #: 3 rows 21.1 vs 22.5, 4 rows 23.0 vs 21.8.
 INT4_MAX_ROWS = 3
 
-#: The same crossover for the native Q4_1 kernel. SmolLM2's 30 layers of projections (1
-#: thread, weights in DRAM), Q4_1 kernel vs small-GEMM: 1 row 3.6 vs 10.1 ms, 4 rows 7.0 vs
-#: 9.5, 8 rows 11.7 vs 13.5, 16 rows 22.5 vs 19.8 (torch's int4 kernel: 6.8 ms at 1 row).
-Q4_MAX_ROWS = 12
+#: The same crossover for the native kernel. SmolLM2's 30 layers of projections (1 thread,
+#: weights in DRAM), Q4_1 kernel vs small-GEMM: 1 row 3.6 vs 10.1 ms, 4 rows 7.0 vs 9.5,
+#: 8 rows 11.7 vs 13.5, 16 rows 22.5 vs 19.8 (torch's int4 kernel: 6.8 ms at 1 row).
+#: Q8_0 turns each weight into two bfloat16 nibbles, so it loses sooner: lm_head (49,152 x
+#: 576), Q8_0 vs small-GEMM, 1 thread: 1 row 1.29 vs 1.77 ms, 3 rows 1.72 vs 1.78, 4 rows
+#: 2.7 vs 1.9; 2 threads: 1 row 0.92 vs 1.78.
+NATIVE_MAX_ROWS = {"q4_1": 12, "q8_0": 3}
 
 
-class Int4Linear:
-    """y = x @ W.T (+ b) with W a Q4_1Weight, on CPU: small batches (decode) through a 4-bit
-    kernel, larger ones (prefill, big decode batches) through `dense`, the same weights
-    dequantized. Activations and output are in `dtype`. In bfloat16 the native kernel runs
-    where it was built (exact fp16 d and m, float32 sums); otherwise torch's int4 kernel,
-    whose scales are in `dtype` (in float32 exact: the result equals the dequantized GEMM
-    up to summation order)."""
+class QuantLinear:
+    """y = x @ W.T (+ b) with W a Q4_1Weight or Q8_0Weight, on CPU: small batches (decode)
+    through a quantized kernel, larger ones (prefill, big decode batches) through `dense`,
+    the same weights dequantized. Activations and output are in `dtype`. In bfloat16 the
+    native kernel runs where it was built (exact fp16 scales, float32 sums); otherwise, for
+    Q4_1, torch's int4 kernel, whose scales are in `dtype` (in float32 exact: the result
+    equals the dequantized GEMM up to summation order). `supported` says whether either
+    can run a weight."""
 
-    __slots__ = ("packed", "scales_zeros", "bias", "out_features", "dense", "q4", "max_rows")
+    __slots__ = ("packed", "scales_zeros", "bias", "out_features", "dense", "native", "max_rows")
 
-    def __init__(self, w: Q4_1Weight, bias: torch.Tensor | None, dtype: torch.dtype,
-                 dense=None) -> None:
+    def __init__(self, w: Q4_1Weight | Q8_0Weight, bias: torch.Tensor | None,
+                 dtype: torch.dtype, dense=None) -> None:
         rows, _ = w.shape
         self.dense = dense
         self.bias = bias
         self.out_features = rows
-        self.q4 = load_q4_gemm() if dtype == torch.bfloat16 else None
+        self.native = load_quant_gemm() if dtype == torch.bfloat16 else None
         self.scales_zeros = None
-        if self.q4 is not None:
-            self.packed = self.q4.pack(w)
+        if self.native is not None:
+            self.packed = self.native.pack(w)
             self.bias = None if bias is None else bias.contiguous()
-            self.max_rows = Q4_MAX_ROWS
+            self.max_rows = NATIVE_MAX_ROWS[w.FORMAT]
             return
+        if w.FORMAT != "q4_1" or not int4_kernel_available():
+            raise ValueError(f"no CPU kernel here runs {w.FORMAT} weights in {dtype}")
         self.max_rows = INT4_MAX_ROWS
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.q.to(torch.int32), 2)
         zero = w.m + 8.0 * w.d
         # [groups, rows, 2]: the kernel's layout.
         self.scales_zeros = torch.stack([w.d.t(), zero.t()], dim=-1).to(dtype).contiguous()
 
+    @staticmethod
+    def supported(w: Q4_1Weight | Q8_0Weight, dtype: torch.dtype) -> bool:
+        if dtype == torch.bfloat16 and load_quant_gemm() is not None:
+            return True
+        return w.FORMAT == "q4_1" and int4_kernel_available()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and x.shape[0] > self.max_rows:
             return self.dense(x)
-        if self.q4 is not None:
+        if self.native is not None:
             if x.stride(-1) != 1:
                 x = x.contiguous()
-            return self.q4(x, self.packed, self.out_features, self.bias, torch.get_num_threads())
+            return self.native(x, self.packed, self.bias, torch.get_num_threads())
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, Q4_1_GROUP,
                                                       self.scales_zeros)
         return y if self.bias is None else y + self.bias

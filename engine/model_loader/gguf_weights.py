@@ -28,7 +28,7 @@ from splitserve.engine.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from splitserve.engine.errors import ModelSpecError
 from splitserve.engine.model_loader.gguf_header import GgufHeader, read_gguf_header
 from splitserve.engine.model_loader.names import check_complete, expected_shapes
-from splitserve.engine.quant import Q4_1Weight
+from splitserve.engine.quant import Q4_1Weight, Q8_0Weight
 
 logger = logging.getLogger(__name__)
 
@@ -205,12 +205,13 @@ def config_from_gguf(header: GgufHeader) -> ModelConfig:
 
 def state_dict_from_gguf(
     path: pathlib.Path, cfg: ModelConfig, dtype: torch.dtype, progress: bool,
-    keep_q4_1: bool = False,
-) -> dict[str, torch.Tensor | Q4_1Weight]:
+    keep_quantized: bool = False,
+) -> dict[str, torch.Tensor | Q4_1Weight | Q8_0Weight]:
     """Dequantize tensor by tensor, rename to HF, undo the q/k permutation, cast to `dtype`.
 
-    With `keep_q4_1`, 2-D Q4_1 tensors stay 4-bit: they come back as `Q4_1Weight`s (already
-    un-permuted) for the int4 kernel (`engine/quant.py`); everything else is dequantized.
+    With `keep_quantized`, 2-D Q4_1 and Q8_0 tensors stay quantized: they come back as
+    `Q4_1Weight`s / `Q8_0Weight`s (already un-permuted) for the CPU kernels of
+    `engine/quant.py`; everything else is dequantized.
     """
     from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import dequantize
@@ -227,9 +228,10 @@ def state_dict_from_gguf(
             continue
         # numpy shape of the values is ggml's shape reversed: (rows, cols) as HF has it
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        if keep_q4_1 and tensor.tensor_type == GGMLQuantizationType.Q4_1 and len(shape) == 2:
-            q4 = Q4_1Weight.from_gguf_blocks(tensor.data, *shape)
-            out[name] = q4.map_rows(lambda t: _unpermute_if(permuted, name, t, cfg))
+        kept = {GGMLQuantizationType.Q4_1: Q4_1Weight, GGMLQuantizationType.Q8_0: Q8_0Weight}
+        if keep_quantized and tensor.tensor_type in kept and len(shape) == 2:
+            q = kept[tensor.tensor_type].from_gguf_blocks(tensor.data, *shape)
+            out[name] = q.map_rows(lambda t: _unpermute_if(permuted, name, t, cfg))
             continue
         values = dequantize(tensor.data, tensor.tensor_type)
         w = torch.from_numpy(np.array(values, dtype=np.float32, copy=True)).reshape(shape)

@@ -19,16 +19,17 @@ def load_model_config(source: ModelSource) -> ModelConfig:
 
 def load_state_dict(
     source: ModelSource, dtype: torch.dtype = torch.float32, progress: bool = True,
-    keep_q4_1: bool = False,
-) -> dict[str, torch.Tensor]:
+    keep_quantized: bool = False,
+) -> dict:
     """HF-named, contiguous tensors in `dtype`, exactly `names.expected_parameter_names(cfg)`.
 
     GGUF tensors are dequantized one at a time (peak memory: the result plus one tensor);
     `lm_head.weight` is present only when the embeddings are not tied. A tqdm bar over the
-    tensors is shown when `progress`. `keep_q4_1`: a GGUF file's Q4_1 matrices come back as
-    `engine.quant.Q4_1Weight` instead of dequantized (ignored for HF directories).
+    tensors is shown when `progress`. `keep_quantized`: a GGUF file's Q4_1 and Q8_0 matrices come back
+    as `engine.quant.Q4_1Weight` / `Q8_0Weight` instead of dequantized (ignored for HF
+    directories).
     """
     cfg = load_model_config(source)
     if source.kind == "gguf":
-        return state_dict_from_gguf(source.path, cfg, dtype, progress, keep_q4_1)
+        return state_dict_from_gguf(source.path, cfg, dtype, progress, keep_quantized)
     return state_dict_from_dir(source.path, cfg, dtype, progress)

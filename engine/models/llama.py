@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..attention.base import AttentionBackend, AttentionMetadata
 from ..config import ModelConfig
 from ..native import load_layer_ops, load_small_gemm
-from ..quant import Int4Linear, Q4_1Weight
+from ..quant import Q4_1Weight, Q8_0Weight, QuantLinear
 from .rope import RotaryEmbedding
 
 
@@ -84,7 +84,8 @@ class LlamaForCausalLM:
         self.embed: torch.Tensor | None = None
         self.norm: torch.Tensor | None = None
         self.lm_head: torch.Tensor | None = None
-        #: "dense" (every weight in dtype) or "q4_1" (projections 4-bit, engine/quant.py).
+        #: "dense" (every weight in dtype) or "quantized" (GGUF Q4_1 / Q8_0 matrices kept so
+        #: for small steps, engine/quant.py).
         self.weight_format = "dense"
         #: On CPU in bfloat16, the layer's elementwise steps as native calls (or None).
         self.ops = (load_layer_ops() if device.type == "cpu" and dtype == torch.bfloat16
@@ -94,29 +95,38 @@ class LlamaForCausalLM:
         """Take HF-named tensors; fuses and casts them. Raises KeyError naming a missing one."""
         cfg = self.cfg
 
-        def raw(name: str) -> torch.Tensor | Q4_1Weight:
+        def raw(name: str) -> torch.Tensor | Q4_1Weight | Q8_0Weight:
             if name not in sd:
                 raise KeyError(f"missing weight {name!r} in the checkpoint")
             return sd[name]
 
         def take(name: str) -> torch.Tensor:
             w = raw(name)
-            if isinstance(w, Q4_1Weight):
+            if isinstance(w, (Q4_1Weight, Q8_0Weight)):
                 w = w.dequantize()
             return w.to(device=self.device, dtype=self.dtype).contiguous()
 
+        def quantized(parts: list, bias: torch.Tensor | None, dense: Linear):
+            """The parts (row-stacked) kept quantized on CPU where a kernel runs them, with
+            `dense` for big steps; else `dense`."""
+            kinds = {type(p) for p in parts}
+            if (self.device.type != "cpu" or len(kinds) != 1
+                    or kinds.pop() not in (Q4_1Weight, Q8_0Weight)
+                    or not QuantLinear.supported(parts[0], self.dtype)):
+                return dense
+            self.weight_format = "quantized"
+            return QuantLinear(type(parts[0]).cat(parts), bias, self.dtype, dense)
+
         def linear(names: list[str], bias: torch.Tensor | None = None):
             """One (fused) projection from the row-stacked weights `names`."""
-            parts = [raw(n) for n in names]
             dense = Linear(torch.cat([take(n) for n in names]).contiguous(), bias)
-            if all(isinstance(p, Q4_1Weight) for p in parts) and self.device.type == "cpu":
-                self.weight_format = "q4_1"
-                return Int4Linear(Q4_1Weight.cat(parts), bias, self.dtype, dense)
-            return dense
+            return quantized([raw(n) for n in names], bias, dense)
 
         self.embed = take("model.embed_tokens.weight")
         self.norm = take("model.norm.weight")
-        self.lm_head = Linear(self.embed if cfg.tie_word_embeddings else take("lm_head.weight"))
+        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        self.lm_head = quantized([raw(head)], None,
+                                 Linear(self.embed if cfg.tie_word_embeddings else take(head)))
         self.layers = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."

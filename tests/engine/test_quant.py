@@ -18,11 +18,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from splitserve.engine.config import EngineConfig  # noqa: E402
-from splitserve.engine.model_runner import keep_q4_1  # noqa: E402
+from splitserve.engine.model_runner import keep_quantized  # noqa: E402
 from splitserve.engine.quant import (  # noqa: E402
     INT4_MAX_ROWS,
-    Int4Linear,
     Q4_1Weight,
+    Q8_0Weight,
+    QuantLinear,
     int4_kernel_available,
 )
 
@@ -50,6 +51,19 @@ def test_parse_equals_gguf_dequantize():
     np.testing.assert_array_equal(ours.dequantize().numpy(), dequantize(raw, GGMLQuantizationType.Q4_1))
 
 
+def test_q8_0_parse_equals_gguf_dequantize():
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    w = np.random.default_rng(1).standard_normal((5, 96)).astype(np.float32)
+    raw = quantize(w, GGMLQuantizationType.Q8_0)
+    ours = Q8_0Weight.from_gguf_blocks(raw, 5, 96)
+    assert ours.q.dtype == torch.int8 and ours.shape == (5, 96)
+    np.testing.assert_array_equal(ours.dequantize().numpy(), dequantize(raw, GGMLQuantizationType.Q8_0))
+    flipped = ours.map_rows(lambda t: t.flip(0))
+    assert torch.equal(flipped.dequantize(), ours.dequantize().flip(0))
+
+
 def test_parse_rejects_partial_blocks():
     with pytest.raises(ValueError, match="multiple of 32"):
         Q4_1Weight.from_gguf_blocks(np.zeros((2, 20), np.uint8), 2, 16)
@@ -69,7 +83,7 @@ def test_int4_linear_float32_matches_dense(rows_in):
     w = _random_q4(96, 128)
     bias = torch.randn(96)
     x = torch.randn(rows_in, 128)
-    lin = Int4Linear(w, bias, torch.float32)  # no dense fallback: always the int4 kernel
+    lin = QuantLinear(w, bias, torch.float32)  # no dense fallback: always the int4 kernel
     ref = x @ w.dequantize().T + bias
     torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
 
@@ -78,7 +92,7 @@ def test_int4_linear_float32_matches_dense(rows_in):
 def test_int4_linear_bfloat16_close_to_dense():
     w = _random_q4(192, 256)
     x = torch.randn(2, 256)
-    y = Int4Linear(w, None, torch.bfloat16)(x.bfloat16()).float()
+    y = QuantLinear(w, None, torch.bfloat16)(x.bfloat16()).float()
     ref = x @ w.dequantize().T
     assert torch.nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0) > 0.999
 
@@ -92,7 +106,7 @@ def test_large_batches_take_the_dense_path():
         calls.append(x.shape[0])
         return x @ w.dequantize().T
 
-    lin = Int4Linear(w, None, torch.float32, dense)
+    lin = QuantLinear(w, None, torch.float32, dense)
     lin(torch.randn(INT4_MAX_ROWS, 64))
     assert calls == []
     lin(torch.randn(INT4_MAX_ROWS + 1, 64))
@@ -100,12 +114,12 @@ def test_large_batches_take_the_dense_path():
 
 
 def test_quantization_setting():
-    assert not keep_q4_1(EngineConfig(dtype="float32", device="cpu"))
-    assert not keep_q4_1(EngineConfig(dtype="bfloat16", device="cpu", quantization="none"))
-    from splitserve.engine.native import load_q4_gemm
+    assert not keep_quantized(EngineConfig(dtype="float32", device="cpu"))
+    assert not keep_quantized(EngineConfig(dtype="bfloat16", device="cpu", quantization="none"))
+    from splitserve.engine.native import load_quant_gemm
 
-    assert keep_q4_1(EngineConfig(dtype="bfloat16", device="cpu")) == (
-        int4_kernel_available() or load_q4_gemm() is not None)
+    assert keep_quantized(EngineConfig(dtype="bfloat16", device="cpu")) == (
+        int4_kernel_available() or load_quant_gemm() is not None)
     with pytest.raises(ValueError, match="quantization must be"):
         EngineConfig(quantization="gptq")
 
@@ -125,16 +139,18 @@ def default_source():
 
 @needs_kernel
 def test_default_model_q4_weights_equal_dense_state_dict(default_source):
-    """Kept 4-bit (and un-permuted) they dequantize to exactly the dense weights."""
+    """Kept quantized (and un-permuted) they dequantize to exactly the dense weights."""
     from splitserve.engine.model_loader import load_state_dict
 
     dense = load_state_dict(default_source, torch.float32, progress=False)
-    q4 = load_state_dict(default_source, torch.float32, progress=False, keep_q4_1=True)
+    q4 = load_state_dict(default_source, torch.float32, progress=False, keep_quantized=True)
     kept = [n for n, w in q4.items() if isinstance(w, Q4_1Weight)]
     assert "model.layers.0.self_attn.q_proj.weight" in kept and len(kept) == 7 * 30
     for name in kept:
         assert torch.equal(q4[name].dequantize(), dense[name]), name
-    assert torch.equal(q4["model.embed_tokens.weight"], dense["model.embed_tokens.weight"])
+    embed = q4["model.embed_tokens.weight"]  # the file's one Q8_0 tensor
+    assert isinstance(embed, Q8_0Weight)
+    assert torch.equal(embed.dequantize(), dense["model.embed_tokens.weight"])
 
 
 @needs_kernel
@@ -149,7 +165,7 @@ def test_q4_engine_generates_like_dense(default_source, smollm2_tokenizer):
     for quant in ("q4_1", "none"):
         eng = Engine(EngineConfig(dtype="bfloat16", device="cpu", quantization=quant,
                                   num_kv_blocks=64, progress=False))
-        assert eng.runner.model.weight_format == ("q4_1" if quant == "q4_1" else "dense")
+        assert eng.runner.model.weight_format == ("quantized" if quant == "q4_1" else "dense")
         outs[quant] = eng.generate([prompt], params)[0]
         assert eng.pool.num_free_blocks == eng.pool.num_blocks
     assert outs["q4_1"][:3] == outs["none"][:3]

@@ -1,5 +1,5 @@
-"""The native Q4_1 kernel (engine/csrc/q4_gemm.c) against float64 on the dequantized
-weights, and `Int4Linear` choosing it."""
+"""The native Q4_1 / Q8_0 kernel (engine/csrc/quant_gemm.c) against float64 on the
+dequantized weights, and `QuantLinear` choosing it."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from splitserve.engine import native, quant
-from splitserve.engine.quant import Q4_MAX_ROWS, Int4Linear, Q4_1Weight
+from splitserve.engine.quant import NATIVE_MAX_ROWS, Q4_1Weight, Q8_0Weight, QuantLinear
 
-gemm = native.load_q4_gemm()
+gemm = native.load_quant_gemm()
 needs_kernel = pytest.mark.skipif(gemm is None, reason="kernel not built here (no compiler "
                                   "or no AVX512-BF16)")
 
@@ -22,6 +22,16 @@ def random_q4(rows: int, cols: int, seed: int) -> Q4_1Weight:
     return Q4_1Weight(q, d.half().float(), m.half().float())  # fp16 values, as in a file
 
 
+def random_q8(rows: int, cols: int, seed: int) -> Q8_0Weight:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-128, 128, (rows, cols), generator=g, dtype=torch.int8)
+    d = torch.rand(rows, cols // 32, generator=g) * 0.002 + 1e-4
+    return Q8_0Weight(q, d.half().float())
+
+
+RANDOM = {"q4_1": random_q4, "q8_0": random_q8}
+
+
 def bf16(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
 
@@ -31,20 +41,21 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @needs_kernel
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 13, 20])
 @pytest.mark.parametrize("n,k", [(16, 32), (200, 96), (960, 576), (576, 1536)])  # 200: a partial tile
 @pytest.mark.parametrize("threads", [1, 2])
-def test_q4_gemm_matches_float64(m, n, k, threads):
-    w, x, b = random_q4(n, k, seed=n + k), bf16(m, k, seed=m), bf16(n, seed=k)
+def test_quant_gemm_matches_float64(fmt, m, n, k, threads):
+    w, x, b = RANDOM[fmt](n, k, seed=n + k), bf16(m, k, seed=m), bf16(n, seed=k)
     want = x.double() @ w.dequantize().double().T + b.double()
-    got = gemm(x, gemm.pack(w), n, b, threads)
+    got = gemm(x, gemm.pack(w), b, threads)
     assert got.shape == (m, n) and got.dtype == torch.bfloat16
     # exact products, float32 sums, one bf16 rounding of the output (2^-9 relative)
     assert rel_err(got, want) < 8e-3
     # without bias, and rows read with a stride (a slice of a wider tensor)
     wide = torch.cat([x, bf16(m, 32, seed=1)], dim=1)[:, :k]
-    assert torch.equal(gemm(wide, gemm.pack(w), n, None, threads),
-                       gemm(x.contiguous(), gemm.pack(w), n, None, threads))
+    assert torch.equal(gemm(wide, gemm.pack(w), None, threads),
+                       gemm(x.contiguous(), gemm.pack(w), None, threads))
 
 
 @needs_kernel
@@ -52,7 +63,7 @@ def test_q4_gemm_uses_every_nibble_scale_and_minimum():
     """One weight, one scale or one minimum changed changes exactly its output."""
     w = random_q4(32, 64, seed=3)
     x = bf16(1, 64, seed=4)
-    base = gemm(x, gemm.pack(w), 32).double()
+    base = gemm(x, gemm.pack(w)).double()
     for row, col in [(0, 0), (17, 63), (31, 33), (5, 2)]:
         changed = []
         for part, edit in (("q", lambda t: t.__setitem__((row, col), (int(t[row, col]) + 7) % 16)),
@@ -60,7 +71,7 @@ def test_q4_gemm_uses_every_nibble_scale_and_minimum():
                            ("m", lambda t: t.__setitem__((row, col // 32), t[row, col // 32] + 0.5))):
             w2 = Q4_1Weight(w.q.clone(), w.d.clone(), w.m.clone())
             edit(getattr(w2, part))
-            out = gemm(x, gemm.pack(w2), 32).double()
+            out = gemm(x, gemm.pack(w2)).double()
             want = x.double() @ w2.dequantize().double().T
             assert rel_err(out, want) < 8e-3, part
             changed.append(((out - base).abs() > 0).nonzero()[:, 1].tolist())
@@ -68,43 +79,68 @@ def test_q4_gemm_uses_every_nibble_scale_and_minimum():
 
 
 @needs_kernel
-def test_q4_gemm_rejects_bad_input():
+def test_q8_gemm_reads_every_byte_with_its_sign():
+    """Every int8 value (both nibbles, the high one signed) in every position."""
+    q = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8).repeat(16, 2)  # [16, 512]
+    q = q[torch.arange(16)[:, None], (torch.arange(512)[None, :] * 7 + torch.arange(16)[:, None]) % 512]
+    w = Q8_0Weight(q.contiguous(), torch.full((16, 16), 0.5))
+    x = bf16(3, 512, seed=11)
+    want = x.double() @ w.dequantize().double().T
+    assert rel_err(gemm(x, gemm.pack(w)), want) < 8e-3
+    one_hot = torch.zeros(1, 512, dtype=torch.bfloat16)
+    for col in (0, 1, 2, 3, 37, 511):
+        one_hot.zero_()
+        one_hot[0, col] = 1
+        assert torch.equal(gemm(one_hot, gemm.pack(w))[0].float(), 0.5 * q[:, col].float())
+
+
+@needs_kernel
+def test_quant_gemm_rejects_bad_input():
     w = gemm.pack(random_q4(32, 64, seed=0))
     with pytest.raises(ValueError, match="multiple of 32"):
         gemm.pack(random_q4(32, 64, seed=0).map_rows(lambda t: t[:, : t.shape[1] // 2 + 1]))
     with pytest.raises(ValueError, match="width"):
-        gemm(bf16(2, 96, seed=0), w, 32)
+        gemm(bf16(2, 96, seed=0), w)
     with pytest.raises(ValueError, match="bfloat16"):
-        gemm(torch.randn(2, 64), w, 32)
+        gemm(torch.randn(2, 64), w)
     with pytest.raises(ValueError, match="bias"):
-        gemm(bf16(2, 64, seed=0), w, 32, torch.randn(32))
+        gemm(bf16(2, 64, seed=0), w, torch.randn(32))
+    with pytest.raises(ValueError, match="bias"):
+        gemm(bf16(2, 64, seed=0), w, bf16(31, seed=0))
 
 
 @needs_kernel
-def test_int4_linear_runs_the_kernel_in_bf16_up_to_its_crossover():
-    w, b = random_q4(96, 128, seed=5), bf16(96, seed=6)
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+def test_quant_linear_runs_the_kernel_in_bf16_up_to_its_crossover(fmt):
+    w, b = RANDOM[fmt](96, 128, seed=5), bf16(96, seed=6)
     calls = []
 
     def dense(x):
         calls.append(x.shape[0])
         return torch.zeros(x.shape[0], 96, dtype=x.dtype)
 
-    lin = Int4Linear(w, b, torch.bfloat16, dense)
-    assert lin.q4 is gemm and lin.max_rows == Q4_MAX_ROWS
-    x = bf16(Q4_MAX_ROWS, 128, seed=7)
+    rows = NATIVE_MAX_ROWS[fmt]
+    lin = QuantLinear(w, b, torch.bfloat16, dense)
+    assert isinstance(lin.native, native.QuantGemm) and lin.max_rows == rows
+    x = bf16(rows, 128, seed=7)
     want = x.double() @ w.dequantize().double().T + b.double()
     assert rel_err(lin(x), want) < 8e-3 and calls == []
-    lin(bf16(Q4_MAX_ROWS + 1, 128, seed=8))
-    assert calls == [Q4_MAX_ROWS + 1]
+    lin(bf16(rows + 1, 128, seed=8))
+    assert calls == [rows + 1]
 
 
 @pytest.mark.skipif(not quant.int4_kernel_available(), reason="no int4 CPU kernel in torch")
-def test_int4_linear_without_the_kernel_uses_torchs(monkeypatch):
-    monkeypatch.setattr(quant, "load_q4_gemm", lambda: None)
+def test_quant_linear_without_the_kernel_uses_torchs(monkeypatch):
+    monkeypatch.setattr(quant, "load_quant_gemm", lambda: None)
     w = random_q4(64, 64, seed=9)
-    lin = Int4Linear(w, None, torch.bfloat16)
-    assert lin.q4 is None and lin.max_rows == quant.INT4_MAX_ROWS
+    lin = QuantLinear(w, None, torch.bfloat16)
+    assert lin.native is None and lin.max_rows == quant.INT4_MAX_ROWS
     x = bf16(2, 64, seed=10)
     y = lin(x).float()
     ref = x.float() @ w.dequantize().T
     assert torch.nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0) > 0.999
+    # Q8_0 has no torch kernel: not supported, and refused if asked
+    q8 = random_q8(64, 64, seed=12)
+    assert not QuantLinear.supported(q8, torch.bfloat16)
+    with pytest.raises(ValueError, match="q8_0"):
+        QuantLinear(q8, None, torch.bfloat16)
