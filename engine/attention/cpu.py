@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .base import AttentionMetadata
-from ..native import load_paged_decode
+from ..native import load_paged_decode, load_paged_prefill
 from .torch_ref import TorchAttentionBackend
 
 
@@ -24,6 +24,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
 
     def __init__(self) -> None:
         self.kernel = load_paged_decode()
+        self.prefill_kernel = load_paged_prefill()
 
     def begin_step(self, meta, kv_cache, num_heads, num_kv_heads, head_dim) -> None:
         """Native decodes: the step's cache, tables and lengths checked once here (not once a
@@ -44,6 +45,16 @@ class CpuAttentionBackend(TorchAttentionBackend):
         return self.kernel.run(q, kv_cache, layer, meta.decode_block_table,
                                meta.decode_seq_lens, q.shape[-1] ** -0.5,
                                torch.get_num_threads())
+
+    def _prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 kv_cache: torch.Tensor, ctx: int, table: torch.Tensor,
+                 out: torch.Tensor) -> None:
+        if (self.prefill_kernel is None or kv_cache.dtype != torch.bfloat16
+                or kv_cache.device.type != "cpu"):
+            super()._prefill(layer, q, k, v, kv_cache, ctx, table, out)
+            return
+        self.prefill_kernel(q, kv_cache, layer, table, ctx, q.shape[-1] ** -0.5, out,
+                            torch.get_num_threads())
 
 
 #: backend_state of a step whose decodes the kernel runs.
