@@ -108,14 +108,24 @@ typedef struct {
     uint32_t *vp;  /* [BK/2][d] V pairs */
     float *o;      /* [M][d] output accumulators */
     float *m, *l, *alpha; /* [M] running max, running sum, this tile's rescale */
+    float *tmax;          /* [M] this tile's maxima */
+    __m512i *qpos;        /* [M / 16] row positions relative to the tile */
     const uint16_t **krow, **vrow; /* [BK] */
     uint16_t *zero; /* d zero bf16: the rows past a tile's last key */
 } vec_scratch;
 
-/* s[k][v * 16 + lane] = dot(Q row, K row k) for QK_KEYS keys x RV row vectors. */
+/* Scores of a masked (query, key) pair, or of a padding key: finite, so that 2^(s - max)
+ * underflows to exactly 0 without producing inf - inf. */
+#define MASKED_SCORE (-1e30f)
+
+/* s[k][v * 16 + lane] = dot(Q row, K row k) for QK_KEYS keys (kb .. kb + 7 of the tile) x RV
+ * row vectors; keys at or past n, and on a tile crossing the diagonal keys after a row's
+ * position (qpos[v], relative to the tile), get MASKED_SCORE. tmax[v] takes the maxima. */
 static inline __attribute__((always_inline)) void qk_block(const uint32_t *qp, int M,
                                                            const uint16_t *const *krow,
-                                                           int pairs, float *s, const int RV) {
+                                                           int pairs, float *s, float *tmax,
+                                                           const __m512i *qpos, int kb, int n,
+                                                           int masked, const int RV) {
     __m512 acc[3][QK_KEYS];
 #pragma GCC unroll 3
     for (int v = 0; v < RV; v++)
@@ -137,10 +147,24 @@ static inline __attribute__((always_inline)) void qk_block(const uint32_t *qp, i
             for (int v = 0; v < RV; v++) acc[v][k] = _mm512_dpbf16_ps(acc[v][k], q[v], kb);
         }
     }
+    const int edge = masked || kb + QK_KEYS > n;
+    const __m512 neg = _mm512_set1_ps(MASKED_SCORE);
 #pragma GCC unroll 3
-    for (int v = 0; v < RV; v++)
+    for (int v = 0; v < RV; v++) {
+        __m512 mx = _mm512_loadu_ps(tmax + v * 16);
 #pragma GCC unroll 8
-        for (int k = 0; k < QK_KEYS; k++) _mm512_storeu_ps(s + k * M + v * 16, acc[v][k]);
+        for (int k = 0; k < QK_KEYS; k++) {
+            __m512 x = acc[v][k];
+            if (edge) {
+                __mmask16 ok = kb + k < n ? (__mmask16)0xffff : (__mmask16)0;
+                if (masked) ok &= _mm512_cmple_epi32_mask(_mm512_set1_epi32(kb + k), qpos[v]);
+                x = _mm512_mask_mov_ps(neg, ok, x);
+            }
+            _mm512_storeu_ps(s + k * M + v * 16, x);
+            mx = _mm512_max_ps(mx, x);
+        }
+        _mm512_storeu_ps(tmax + v * 16, mx);
+    }
 }
 
 /* o[r][:DV*16] = o[r] * alpha[r] + sum over key pairs of P pair x V pair, for R rows. The V
@@ -192,8 +216,7 @@ static void pv_dispatch(const uint32_t *pp, int M, const uint32_t *vp, int d, in
 #undef PV_CASE
 }
 
-/* 2^x to ~5e-6 relative (x <= 0 here; far below, 0; masked lanes may overflow to inf and are
- * zeroed by the caller): 2^n * p(f), f = x - n in [-1/2, 1/2], p a degree-4 least-squares
+/* 2^x to ~5e-6 relative (x <= 0 here; 0 far below, as for MASKED_SCORE): 2^n * p(f), f = x - n in [-1/2, 1/2], p a degree-4 least-squares
  * fit of 2^f. 7 instructions where exp_avx512 takes 12: the probabilities are rounded to
  * bf16 (2^-9 relative) right after, so its extra digits were never kept. */
 static inline __m512 exp2_bf16grade(__m512 x) {
@@ -246,6 +269,14 @@ static void tile_vec(const prefill_args *a, int h, int64_t i0, vec_scratch *w) {
     }
     memset(w->o, 0, sizeof(float) * M * d);
 
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 vscale = _mm512_set1_ps(scale);
+    const __m512 vscale2 = _mm512_set1_ps(scale * 1.44269504088896341f);
+    const __m512i hi16 = _mm512_set1_epi32((int32_t)0xffff0000u);
+    const __m512i interleave = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    __m512i *qpos = w->qpos;
     for (int64_t k0 = 0; k0 <= kmax; k0 += BK) {
         const int n = (int)(kmax + 1 - k0 < BK ? kmax + 1 - k0 : BK);
         const int n8 = (n + QK_KEYS - 1) / QK_KEYS * QK_KEYS, npairs = (n + 1) / 2;
@@ -266,38 +297,30 @@ static void tile_vec(const prefill_args *a, int h, int64_t i0, vec_scratch *w) {
             }
         }
 
-        /* S^T = K Q^T */
+        /* S^T = K Q^T, masked, with each row's maximum over the tile */
+        const int masked = k0 + n - 1 > pmin;
+        for (int v = 0; v < NV; v++) {
+            /* Query positions of this vector's 16 rows, relative to k0. */
+            qpos[v] = _mm512_add_epi32(
+                lane, _mm512_set1_epi32((int32_t)(pmin - k0 + (v % (bq / 16)) * 16)));
+            _mm512_storeu_ps(w->tmax + v * 16, _mm512_set1_ps(MASKED_SCORE));
+        }
         for (int v0 = 0; v0 < NV; v0 += 3) {
             const int rv = NV - v0 < 3 ? NV - v0 : 3;
             for (int kb = 0; kb < n8; kb += QK_KEYS) {
-                float *s = w->s + kb * M + v0 * 16;
+                float *s = w->s + kb * M + v0 * 16, *tmax = w->tmax + v0 * 16;
                 const uint32_t *qp = w->qp + v0 * 16;
-                if (rv == 3) qk_block(qp, M, w->krow + kb, dp, s, 3);
-                else if (rv == 2) qk_block(qp, M, w->krow + kb, dp, s, 2);
-                else qk_block(qp, M, w->krow + kb, dp, s, 1);
+                const uint16_t *const *kr = w->krow + kb;
+                const __m512i *qv = qpos + v0;
+                if (rv == 3) qk_block(qp, M, kr, dp, s, tmax, qv, kb, n, masked, 3);
+                else if (rv == 2) qk_block(qp, M, kr, dp, s, tmax, qv, kb, n, masked, 2);
+                else qk_block(qp, M, kr, dp, s, tmax, qv, kb, n, masked, 1);
             }
         }
 
         /* Online softmax, lane-wise per row. */
-        const int masked = k0 + n - 1 > pmin;
-        const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        const __m512 vscale = _mm512_set1_ps(scale);
-        const __m512 vscale2 = _mm512_set1_ps(scale * 1.44269504088896341f);
-        const __m512i hi16 = _mm512_set1_epi32((int32_t)0xffff0000u);
-        const __m512i interleave = _mm512_set_epi16(
-            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-            23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
         for (int v = 0; v < NV; v++) {
-            /* Query positions of this vector's 16 rows, relative to k0. */
-            const __m512i qpos = _mm512_add_epi32(
-                lane, _mm512_set1_epi32((int32_t)(pmin - k0 + (v % (bq / 16)) * 16)));
-            __m512 mx = _mm512_set1_ps(-INFINITY);
-            for (int k = 0; k < n; k++) {
-                const __m512 s = _mm512_loadu_ps(w->s + k * M + v * 16);
-                const __mmask16 ok = masked ? _mm512_cmple_epi32_mask(_mm512_set1_epi32(k), qpos)
-                                            : (__mmask16)0xffff;
-                mx = _mm512_mask_max_ps(mx, ok, mx, s);
-            }
+            const __m512 mx = _mm512_loadu_ps(w->tmax + v * 16);
             const __m512 m_old = _mm512_loadu_ps(w->m + v * 16);
             const __m512 m_new = _mm512_max_ps(m_old, mx);
             /* p = 2^(s * scale * log2 e - m * scale * log2 e): one fmsub and exp2 */
@@ -308,15 +331,10 @@ static void tile_vec(const prefill_args *a, int h, int64_t i0, vec_scratch *w) {
             __m512 sum = _mm512_setzero_ps();
             for (int kp = 0; kp < npairs; kp++) {
                 const int k = 2 * kp;
-                __mmask16 ok0 = 0xffff, ok1 = k + 1 < n ? 0xffff : 0;
-                if (masked) {
-                    ok0 = _mm512_cmple_epi32_mask(_mm512_set1_epi32(k), qpos);
-                    ok1 &= _mm512_cmple_epi32_mask(_mm512_set1_epi32(k + 1), qpos);
-                }
                 const __m512 s0 = _mm512_loadu_ps(w->s + k * M + v * 16);
                 const __m512 s1 = _mm512_loadu_ps(w->s + (k + 1) * M + v * 16);
-                const __m512 p0 = _mm512_maskz_mov_ps(ok0, exp2_bf16grade(_mm512_fmsub_ps(s0, vscale2, ms)));
-                const __m512 p1 = _mm512_maskz_mov_ps(ok1, exp2_bf16grade(_mm512_fmsub_ps(s1, vscale2, ms)));
+                const __m512 p0 = exp2_bf16grade(_mm512_fmsub_ps(s0, vscale2, ms));
+                const __m512 p1 = exp2_bf16grade(_mm512_fmsub_ps(s1, vscale2, ms));
                 /* 32 bf16 [p0 | p1] interleaved into (p0, p1) pairs: lane r holds row r's */
                 const __m512i pr = _mm512_permutexvar_epi16(
                     interleave, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
@@ -360,8 +378,8 @@ static void tile_vec(const prefill_args *a, int h, int64_t i0, vec_scratch *w) {
 static void *vec_scratch_alloc(vec_scratch *w, int M, int d) {
     const size_t bytes = 2 * sizeof(uint32_t) * (size_t)(d / 2) * M + sizeof(float) * BK * M +
                          sizeof(uint32_t) * (BK / 2) * M + sizeof(uint32_t) * (BK / 2) * d +
-                         sizeof(float) * (size_t)M * d + sizeof(float) * 3 * M +
-                         sizeof(uint16_t *) * 2 * BK + sizeof(uint16_t) * d + 64 * 12;
+                         sizeof(float) * (size_t)M * d + sizeof(float) * 5 * M +
+                         sizeof(uint16_t *) * 2 * BK + sizeof(uint16_t) * d + 64 * 14;
     char *base = aligned_alloc(64, (bytes + 63) / 64 * 64), *p = base;
     if (!base) return NULL;
 #define TAKE(field, type, count)                                                                  \
@@ -378,6 +396,8 @@ static void *vec_scratch_alloc(vec_scratch *w, int M, int d) {
     TAKE(m, float *, sizeof(float) * M);
     TAKE(l, float *, sizeof(float) * M);
     TAKE(alpha, float *, sizeof(float) * M);
+    TAKE(tmax, float *, sizeof(float) * M);
+    TAKE(qpos, __m512i *, sizeof(float) * M);
     TAKE(krow, const uint16_t **, sizeof(uint16_t *) * BK);
     TAKE(vrow, const uint16_t **, sizeof(uint16_t *) * BK);
     TAKE(zero, uint16_t *, sizeof(uint16_t) * d);
