@@ -88,6 +88,8 @@ CHUNKS = [(1, 1), (37, 37), (300, 300), (50, 173), (3, 90), (1, 133), (130, 261)
     (2, 2, 128, 16),  # head_dim 128 (two 64-column output blocks), 32-position tiles
     (1, 8, 64, 16),  # groups of 8: 3 + 3 + 2 row vectors
     (2, 3, 80, 4),  # head_dim 80: a 16-column output block after the 64
+    (2, 2, 48, 4),  # head_dim 48: one 48-column output block
+    (2, 2, 16, 4),  # head_dim 16 (the tiny test models'): one 16-column block
     (2, 3, 40, 4),  # head_dim 40: the scalar path
 ])
 @pytest.mark.parametrize("threads", [1, 2])
