@@ -130,6 +130,8 @@ class PagedPrefillKernel:
         num_blocks, layers, two, bs, nkv, hd = kv_cache.shape
         if q.dtype != torch.bfloat16 or kv_cache.dtype != torch.bfloat16:
             raise ValueError("the paged-prefill kernel takes bfloat16 q and cache")
+        if {t.device.type for t in (q, kv_cache, block_table)} != {"cpu"}:
+            raise ValueError("the paged-prefill kernel takes CPU tensors")
         if hd != d or two != 2 or nh % nkv:
             raise ValueError(f"the paged-prefill kernel: q's {nh} heads of {d} do not fit the "
                              f"cache's {nkv} kv heads of {hd}")
@@ -149,7 +151,7 @@ class PagedPrefillKernel:
         if out is None:
             out = torch.empty(q_len, nh, d, dtype=torch.bfloat16)
         elif (out.shape != q.shape or out.dtype != torch.bfloat16 or out.stride(2) != 1
-              or out.stride(1) != d):
+              or out.stride(1) != d or out.device.type != "cpu"):
             raise ValueError("the paged-prefill kernel writes bfloat16 rows shaped as q's, "
                              "heads contiguous")
         layer_k = kv_cache.data_ptr() + layer * kv_cache.stride(1) * kv_cache.element_size()

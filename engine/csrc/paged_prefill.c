@@ -441,8 +441,9 @@ int splitserve_paged_prefill_bf16(const uint16_t *q, int64_t q_stride, uint16_t 
 #if defined(__AVX512BF16__)
     vec = d % 16 == 0;
     /* Groups of one or two query heads take 48 or 32 positions a tile: at least 3 row
-     * vectors to share each broadcast K pair. */
-    if (vec && g < 3) a.bq = g == 1 ? 48 : 32;
+     * vectors to share each broadcast K pair (unless the chunk is short: padding rows cost
+     * as much as real ones). */
+    if (vec && g < 3 && q_len > 16) a.bq = g == 1 ? 48 : 32;
 #endif
     (void)vec;
     const int64_t ntiles = (q_len + a.bq - 1) / a.bq, items = ntiles * nkv;

@@ -133,6 +133,8 @@ def test_kernel_rejects_bad_input():
         kernel(q, cache, 0, table, 19, 0.125)
     with pytest.raises(ValueError, match="bfloat16"):
         kernel(q.float(), cache.float(), 0, table, 33, 0.125)
+    with pytest.raises(ValueError, match="CPU tensors"):
+        kernel(q.to("meta"), cache, 0, table, 33, 0.125)
     with pytest.raises(ValueError, match="layer 3"):
         kernel(q, cache, 3, table, 33, 0.125)
     with pytest.raises(ValueError, match="int64"):
