@@ -2,6 +2,8 @@
 cached, loaded with ctypes.
 
 - `paged_decode.c`: decode attention over the paged bfloat16 cache (`load_paged_decode`);
+- `paged_prefill.c`: causal attention of a prefill chunk over the paged bfloat16 cache,
+  flash-attention style (`load_paged_prefill`);
 - `small_gemm.c`: bfloat16 linear layers for few rows, on weights packed at load
   (`load_small_gemm`);
 - `quant_gemm.c`: linear layers for few rows straight from GGUF Q4_1 / Q8_0 weights kept
@@ -102,6 +104,71 @@ class PagedDecodeKernel:
         """`check_step` and `run` together: one layer, everything validated."""
         self.check_step(kv_cache, block_table, seq_lens, q.shape[1], q.shape[2])
         return self.run(q, kv_cache, layer, block_table, seq_lens, scale, num_threads)
+
+
+class PagedPrefillKernel:
+    """Causal attention of one prefill chunk over a bfloat16 cache laid out as the engine's
+    [num_blocks, layers, 2, block_size, kv_heads, head_dim], every one of the chunk's
+    context tokens (its own included) already written."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        fn = lib.splitserve_paged_prefill_bf16
+        i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+        fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, i64, i32, i32,
+                       i32, i32, ctypes.c_float, i32]
+        fn.restype = i32
+        self._fn = fn
+
+    def __call__(self, q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
+                 block_table: torch.Tensor, ctx: int, scale: float,
+                 out: torch.Tensor | None = None, num_threads: int = 1) -> torch.Tensor:
+        """q [q_len, heads, head_dim] bfloat16, each row's heads contiguous (any row stride),
+        at positions ctx - q_len .. ctx - 1; block_table: the chunk's block ids, contiguous
+        int64, covering ctx tokens. Query head j of kv head h is h * g + j (HF's grouping).
+        Writes and returns `out` (same shape and inner layout as q; a new tensor if None)."""
+        if q.dim() != 3 or kv_cache.dim() != 6:
+            raise ValueError("the paged-prefill kernel takes q [q_len, heads, head_dim] and a "
+                             "cache [blocks, layers, 2, block_size, kv_heads, head_dim]")
+        q_len, nh, d = q.shape
+        num_blocks, layers, two, bs, nkv, hd = kv_cache.shape
+        if q.dtype != torch.bfloat16 or kv_cache.dtype != torch.bfloat16:
+            raise ValueError("the paged-prefill kernel takes bfloat16 q and cache")
+        if {t.device.type for t in (q, kv_cache, block_table)} != {"cpu"}:
+            raise ValueError("the paged-prefill kernel takes CPU tensors")
+        if hd != d or two != 2 or nh % nkv:
+            raise ValueError(f"the paged-prefill kernel: q's {nh} heads of {d} do not fit the "
+                             f"cache's {nkv} kv heads of {hd}")
+        if not kv_cache.is_contiguous() or q.stride(2) != 1 or q.stride(1) != d:
+            raise ValueError("the paged-prefill kernel takes a contiguous cache and q rows "
+                             "with contiguous heads")
+        if not 0 <= layer < layers:
+            raise ValueError(f"the paged-prefill kernel: layer {layer} outside the cache's "
+                             f"{layers}")
+        if (block_table.dtype != torch.int64 or block_table.dim() != 1
+                or not block_table.is_contiguous()):
+            raise ValueError("the paged-prefill kernel takes a contiguous 1-D int64 block table")
+        if not q_len <= ctx <= block_table.shape[0] * bs:
+            raise ValueError(f"the paged-prefill kernel: context {ctx} outside its block "
+                             f"table ({block_table.shape[0]} blocks of {bs}) or shorter than "
+                             f"the chunk ({q_len})")
+        if out is None:
+            out = torch.empty(q_len, nh, d, dtype=torch.bfloat16)
+        elif (out.shape != q.shape or out.dtype != torch.bfloat16 or out.stride(2) != 1
+              or out.stride(1) != d or out.device.type != "cpu"):
+            raise ValueError("the paged-prefill kernel writes bfloat16 rows shaped as q's, "
+                             "heads contiguous")
+        layer_k = kv_cache.data_ptr() + layer * kv_cache.stride(1) * kv_cache.element_size()
+        rc = self._fn(q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0), layer_k,
+                      kv_cache.stride(0), kv_cache.stride(2), block_table.data_ptr(),
+                      block_table.shape[0], num_blocks, q_len, ctx, nkv, nh // nkv, d, bs,
+                      scale, num_threads)
+        if rc == -2:
+            raise MemoryError("paged-prefill kernel: out of memory for its scratch")
+        if rc == -3:
+            raise ValueError("paged-prefill kernel: a block id is outside the cache")
+        if rc != 0:
+            raise ValueError("paged-prefill kernel refused its shapes")
+        return out
 
 
 class SmallGemm:
@@ -363,6 +430,12 @@ def load_paged_decode() -> PagedDecodeKernel | None:
 
 
 @functools.lru_cache(maxsize=1)
+def load_paged_prefill() -> PagedPrefillKernel | None:
+    lib = load_library("paged_prefill")
+    return PagedPrefillKernel(lib) if _vectorized(lib, "paged_prefill") else None
+
+
+@functools.lru_cache(maxsize=1)
 def load_small_gemm() -> SmallGemm | None:
     lib = load_library("small_gemm")
     return SmallGemm(lib) if _vectorized(lib, "small_gemm") else None
@@ -382,7 +455,8 @@ def load_layer_ops() -> LayerOps | None:
 
 def clear_caches() -> None:
     """Forget loaded kernels (tests that change what a load finds)."""
-    for fn in (load_library, load_paged_decode, load_small_gemm, load_quant_gemm, load_layer_ops):
+    for fn in (load_library, load_paged_decode, load_paged_prefill, load_small_gemm,
+               load_quant_gemm, load_layer_ops):
         fn.cache_clear()
 
 

@@ -1,9 +1,10 @@
 """Attention backends behind one small interface, chosen by name.
 
 `torch` is the reference backend (CPU and any device, pure torch SDPA over the paged cache);
-`cpu` is that backend with decodes on a bfloat16 cache run by a native paged-decode kernel
-(built on first use; the torch path where no compiler is found); `flashinfer` runs paged
-prefill/decode kernels on CUDA when the package is installed.
+`cpu` is that backend with decodes and prefill chunks on a bfloat16 cache run by native
+paged-decode and paged-prefill kernels (built on first use; the torch path where no compiler
+is found); `flashinfer` runs paged prefill/decode kernels on CUDA when the package is
+installed.
 """
 
 from __future__ import annotations
