@@ -55,6 +55,10 @@ class PagedDecodeKernel:
                        ctypes.c_float, i32]
         fn.restype = i32
         self._fn = fn
+        w = lib.splitserve_write_kv_bf16
+        w.argtypes = [ptr, i64, i64, i64, i32, ptr, i64, ptr, i64, ptr, ptr, i64, i64]
+        w.restype = i32
+        self._write = w
 
     def check_step(self, kv_cache: torch.Tensor, block_table: torch.Tensor,
                    seq_lens: torch.Tensor, num_heads: int, head_dim: int) -> None:
@@ -97,6 +101,28 @@ class PagedDecodeKernel:
         if rc != 0:
             raise ValueError("paged-decode kernel: a sequence length is outside its block table")
         return out
+
+    def write_kv(self, kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
+                 slot_block: torch.Tensor, slot_offset: torch.Tensor) -> None:
+        """kv_cache[slot_block[t], layer, 0 / 1, slot_offset[t]] = k[t] / v[t] for every token
+        t: k, v [T, kv_heads, head_dim] bfloat16 with contiguous rows, slots int64 [T]."""
+        T, nkv, d = k.shape
+        _, layers, _, bs, cnkv, cd = kv_cache.shape
+        if (kv_cache.dtype != torch.bfloat16 or not kv_cache.is_contiguous()
+                or not 0 <= layer < layers or (cnkv, cd) != (nkv, d) or v.shape != k.shape):
+            raise ValueError("write_kv takes bfloat16 k and v of the cache's heads")
+        for t in (k, v):
+            if t.dtype != torch.bfloat16 or t.stride(2) != 1 or t.stride(1) != d:
+                raise ValueError("write_kv takes k and v rows with contiguous heads")
+        for t in (slot_block, slot_offset):
+            if t.dtype != torch.int64 or not t.is_contiguous() or t.shape != (T,):
+                raise ValueError("write_kv takes contiguous int64 slots, one per token")
+        layer_k = kv_cache.data_ptr() + layer * kv_cache.stride(1) * kv_cache.element_size()
+        rc = self._write(layer_k, kv_cache.stride(0), kv_cache.stride(2), kv_cache.shape[0], bs,
+                         k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+                         slot_block.data_ptr(), slot_offset.data_ptr(), T, nkv * d)
+        if rc != 0:
+            raise IndexError("write_kv: a slot is outside the cache")
 
     def __call__(self, q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
                  block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,

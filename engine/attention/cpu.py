@@ -24,8 +24,8 @@ cache:
   then the exponentials (~13%) and packing. `tests/engine/test_cpu_prefill_attention.py`
   checks it against float64 attention and the torch path.
 
-Without a C compiler or AVX512-BF16, or for a float32 cache (the parity tests' dtype),
-both take the torch path.
+This step's k and v go into the cache in one native call a layer too. Without a C compiler
+or AVX512-BF16, or for a float32 cache (the parity tests' dtype), all take the torch path.
 """
 
 from __future__ import annotations
@@ -55,6 +55,16 @@ class CpuAttentionBackend(TorchAttentionBackend):
         self.kernel.check_step(kv_cache, meta.decode_block_table, meta.decode_seq_lens,
                                num_heads, head_dim)
         meta.backend_state = _NATIVE
+
+    def _write_cache(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+                     kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+        """One native call for k and v (two indexed copies cost ~13 us of dispatch a layer,
+        ~0.4 ms a decode step of SmolLM2)."""
+        if (self.kernel is None or kv_cache.dtype != torch.bfloat16
+                or kv_cache.device.type != "cpu"):
+            super()._write_cache(layer, k, v, kv_cache, meta)
+            return
+        self.kernel.write_kv(kv_cache, layer, k, v, meta.slot_block, meta.slot_offset)
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
                 meta: AttentionMetadata, nkv: int) -> torch.Tensor:

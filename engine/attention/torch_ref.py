@@ -40,9 +40,7 @@ class TorchAttentionBackend:
     def forward(self, layer, q, k, v, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         T, nh, d = q.shape
         nkv = k.shape[1]
-        layer_cache = kv_cache[:, layer]  # [NB, 2, bs, nkv, d] (a view)
-        layer_cache[meta.slot_block, 0, meta.slot_offset] = k
-        layer_cache[meta.slot_block, 1, meta.slot_offset] = v
+        self._write_cache(layer, k, v, kv_cache, meta)
         nd = meta.num_decodes
         dec = self._decode(q[:nd], kv_cache, layer, meta, nkv) if nd else None
         if not meta.prefills:
@@ -56,6 +54,14 @@ class TorchAttentionBackend:
                           v[q_start : q_start + q_len], kv_cache, ctx, table,
                           out[q_start : q_start + q_len])
         return out.reshape(T, nh * d)
+
+    @staticmethod
+    def _write_cache(layer: int, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                     meta: AttentionMetadata) -> None:
+        """This step's k and v [T, kv_heads, d] into their cache slots."""
+        layer_cache = kv_cache[:, layer]  # [NB, 2, bs, nkv, d] (a view)
+        layer_cache[meta.slot_block, 0, meta.slot_offset] = k
+        layer_cache[meta.slot_block, 1, meta.slot_offset] = v
 
     def _prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  kv_cache: torch.Tensor, ctx: int, table: torch.Tensor,

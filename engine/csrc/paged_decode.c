@@ -228,3 +228,24 @@ int splitserve_paged_decode_available(void) {
     return 0;
 #endif
 }
+
+/* This step's k and v rows into the cache: token t's kv heads go to block slot_block[t],
+ * row slot_offset[t] of the layer (layer_k: the layer's K of block 0; V is v_off further).
+ * k, v rows: nkv * d bf16 each, k_stride / v_stride apart. One call instead of two
+ * indexed copies a layer (~13 us of torch dispatch at decode). Returns 0, or -1 (nothing
+ * written) when a slot is outside the cache. */
+int splitserve_write_kv_bf16(uint16_t *layer_k, int64_t block_stride, int64_t v_off,
+                             int64_t num_blocks, int bs, const uint16_t *k, int64_t k_stride,
+                             const uint16_t *v, int64_t v_stride, const int64_t *slot_block,
+                             const int64_t *slot_offset, int64_t T, int64_t row) {
+    for (int64_t t = 0; t < T; t++)
+        if (slot_block[t] < 0 || slot_block[t] >= num_blocks || slot_offset[t] < 0 ||
+            slot_offset[t] >= bs)
+            return -1;
+    for (int64_t t = 0; t < T; t++) {
+        uint16_t *dst = layer_k + slot_block[t] * block_stride + slot_offset[t] * row;
+        memcpy(dst, k + t * k_stride, sizeof(uint16_t) * row);
+        memcpy(dst + v_off, v + t * v_stride, sizeof(uint16_t) * row);
+    }
+    return 0;
+}

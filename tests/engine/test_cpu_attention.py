@@ -106,6 +106,31 @@ def test_kernel_rejects_bad_input():
         kernel(q, cache, 0, meta.decode_block_table.int(), meta.decode_seq_lens, 0.125)
 
 
+@needs_kernel
+def test_write_kv_equals_the_indexed_copies():
+    """k and v rows (slices of a fused qkv row, as the model passes them) land where the
+    torch backend's two indexed copies put them, and nothing else changes."""
+    gen = torch.Generator().manual_seed(5)
+    cache = torch.randn(10, 4, 2, 16, 3, 64, generator=gen).to(torch.bfloat16)
+    qkv = torch.randn(6, 9 * 64 + 2 * 3 * 64, generator=gen).to(torch.bfloat16)
+    k, v = qkv[:, 576:768].view(6, 3, 64), qkv[:, 768:].view(6, 3, 64)
+    meta = build_metadata([1, 1, 4], [16, 40, 0], [[3, 7], [0, 9, 2], [5]], 16,
+                          torch.device("cpu"))
+    want = cache.clone()
+    TorchAttentionBackend._write_cache(2, k, v, want, meta)
+    CpuAttentionBackend()._write_cache(2, k, v, cache, meta)
+    assert torch.equal(cache, want)
+    bad = meta.slot_block.clone()
+    bad[-1] = 10
+    with pytest.raises(IndexError, match="outside the cache"):
+        kernel.write_kv(cache, 2, k, v, bad, meta.slot_offset)
+    assert torch.equal(cache, want)  # nothing written
+    with pytest.raises(ValueError, match="bfloat16"):
+        kernel.write_kv(cache.float(), 2, k, v, meta.slot_block, meta.slot_offset)
+    with pytest.raises(ValueError, match="int64"):
+        kernel.write_kv(cache, 2, k, v, meta.slot_block.int(), meta.slot_offset)
+
+
 def test_build_is_cached_and_keyed_by_source(tmp_path):
     compiler = native._compiler()
     if compiler is None:
