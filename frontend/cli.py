@@ -45,7 +45,8 @@ def add_frontend_args(p: argparse.ArgumentParser, *, model_flags: bool = True) -
                    help="prompts with more uncached tokens go to a prefill worker when one is "
                         f"free; 0: always when one exists (default {DEFAULT_MAX_LOCAL_PREFILL_TOKENS})")
     p.add_argument("--max-prefill-queue", type=int, default=4,
-                   help="a prefill worker with this many queued prompts counts as full (default 4)")
+                   help="a prefill worker with this many queued prompts counts as full (default 4; "
+                        "not applied with --max-local-prefill-tokens 0)")
     from splitserve.frontend.routing import add_router_args
 
     # `serve` sets the router's block size from the engine's.

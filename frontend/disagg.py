@@ -7,7 +7,10 @@ stall every running request's next token for its whole prefill (on this 2-core C
 1,024-token prefill is about a second). So a request goes remote when its uncached prompt
 tokens exceed `max_local_prefill_tokens` and some prefill worker's queue is under
 `max_prefill_queue`; otherwise, or when the prefill worker fails, the decode worker
-prefills locally and the request still succeeds.
+prefills locally and the request still succeeds. `max_local_prefill_tokens` 0 forces
+remote prefill whenever a prefill worker is healthy, however long its queue: a deployment
+that asks for it wants decode workers that never prefill (their ITL untouched), and the
+queue shows up as TTFT instead.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ class DisaggConfig:
     #: Prompts with more uncached tokens than this are prefilled remotely when a prefill
     #: worker is free; 0: remote whenever a prefill worker exists.
     max_local_prefill_tokens: int = DEFAULT_MAX_LOCAL_PREFILL_TOKENS
-    #: A prefill worker whose queue (waiting + in flight from here) reaches this is full.
+    #: A prefill worker whose queue (waiting + in flight from here) reaches this is full
+    #: (not applied when max_local_prefill_tokens is 0).
     max_prefill_queue: int = 4
     #: Seconds a Prefill call may take.
     prefill_timeout_s: float = 600.0
@@ -65,9 +69,11 @@ async def choose_prefill(pool: WorkerPool, prompt: Sequence[int], config: Disagg
     if (config.max_local_prefill_tokens
             and await pool.uncached_tokens_async(prompt) <= config.max_local_prefill_tokens):
         return None
-    full = [w.worker_id for w in workers if prefill_queue(w) >= config.max_prefill_queue]
-    if len(full) == len(workers):
-        return None
+    full = []
+    if config.max_local_prefill_tokens:  # 0 forces remote: a full queue waits its turn
+        full = [w.worker_id for w in workers if prefill_queue(w) >= config.max_prefill_queue]
+        if len(full) == len(workers):
+            return None
     try:
         return await pool.pick_async("prefill", prompt, exclude=full, request_id=request_id)
     except NoWorkerAvailable:

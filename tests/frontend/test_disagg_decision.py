@@ -54,11 +54,21 @@ async def test_cached_prefix_counts_only_uncached_tokens():
 
 
 async def test_full_prefill_queues_fall_back_to_local():
-    cfg = DisaggConfig(max_local_prefill_tokens=0, max_prefill_queue=2)
+    cfg = DisaggConfig(max_local_prefill_tokens=10, max_prefill_queue=2)
     pool = pool_with(waiting=(2, 0))
     assert (await choose_prefill(pool, [1] * 64, cfg)).worker_id == "p1"   # p0 is full
     pool.get("p1").in_flight = 2                                          # in flight from here counts too
     assert await choose_prefill(pool, [1] * 64, cfg) is None
+
+
+async def test_zero_threshold_ignores_the_queue_limit():
+    """--max-local-prefill-tokens 0 forces remote prefill whenever a prefill worker exists:
+    full queues make the prompt wait there, never prefill on the decode worker."""
+    cfg = DisaggConfig(max_local_prefill_tokens=0, max_prefill_queue=2)
+    pool = pool_with(waiting=(2, 0))
+    pool.get("p1").in_flight = 2
+    w = await choose_prefill(pool, [1] * 64, cfg)
+    assert w is not None and w.role == "prefill"
 
 
 async def test_no_healthy_prefill_worker_means_local():
