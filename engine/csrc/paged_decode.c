@@ -24,8 +24,8 @@
 #include "bf16.h"
 #include "simd.h"
 
-/* s[:n] = softmax numerators e^(s - max) normalised in place. */
-static void softmax_inplace(float *s, int64_t n) {
+/* s[:n] = e^(s - max) in place (not normalised); *max_out = max, returns the sum. */
+static float exp_shifted(float *s, int64_t n, float *max_out) {
     float m = -INFINITY, sum = 0.f;
     int64_t t = 0;
 #if defined(__AVX512F__)
@@ -48,8 +48,8 @@ static void softmax_inplace(float *s, int64_t n) {
         s[t] = expf(s[t] - m);
         sum += s[t];
     }
-    float inv = 1.f / sum;
-    for (t = 0; t < n; t++) s[t] *= inv;
+    *max_out = m;
+    return sum;
 }
 
 #if defined(__AVX512F__)
@@ -120,16 +120,22 @@ static inline void prefetch_ahead(const uint16_t *base, const int64_t *table, in
         prefetch_block(base + table[e] * stride, bytes);
 }
 
-/* One request: every kv head, every query head. `s` holds nh * len floats of scratch.
- * qf, acc: nh * d floats, qb: nh * d bf16, of scratch.
+/* One request's cached tokens [t_begin, t_end) (t_begin a multiple of bs): every kv
+ * head, every query head. `s` holds nh * (t_end - t_begin) floats of scratch; qf: nh * d
+ * floats, qb: nh * d bf16, of scratch. Leaves the part's softmax state: per query head
+ * the score maximum m[qh], the sum l[qh] of e^(score - m) and acc[qh][:] the sum of those
+ * weights times the V rows (not normalised: parts of one request merge in `merge_parts`).
  * Scores s[head][t] come from one pass over the request's K blocks, then one pass over
  * its V blocks; each block (all kv heads of 16 tokens: contiguous) is prefetched while
  * the one before it is being read. */
-static void decode_request(const uint16_t *q, uint16_t *out, const uint16_t *layer_k,
-                           int64_t block_stride, int64_t v_off, const int64_t *table,
-                           int64_t len, int nkv, int g, int d, int bs, float scale, float *s,
-                           float *qf, float *acc, uint16_t *qb) {
+static void decode_part(const uint16_t *q, const uint16_t *layer_k, int64_t block_stride,
+                        int64_t v_off, const int64_t *table, int64_t t_begin, int64_t t_end,
+                        int nkv, int g, int d, int bs, float scale, float *s, float *qf,
+                        uint16_t *qb, float *m, float *l, float *acc) {
     const int nh = nkv * g;
+    /* the part as a request of its own: its blocks and its tokens */
+    table += t_begin / bs;
+    const int64_t len = t_end - t_begin;
     const int64_t tok = (int64_t)nkv * d, blk_bytes = (int64_t)bs * tok * 2;
     const int64_t nblocks = (len + bs - 1) / bs;
     /* The softmax scale is folded into q (and q rounded back to bf16 for the bf16 dot
@@ -168,7 +174,7 @@ static void decode_request(const uint16_t *q, uint16_t *out, const uint16_t *lay
             }
         }
     }
-    for (int qh = 0; qh < nh; qh++) softmax_inplace(s + qh * len, len);
+    for (int qh = 0; qh < nh; qh++) l[qh] = exp_shifted(s + qh * len, len, &m[qh]);
     memset(acc, 0, sizeof(float) * nh * d);
     for (int64_t b = 0; b < nblocks; b++) {
         const uint16_t *v = layer_k + table[b] * block_stride + v_off;
@@ -179,12 +185,41 @@ static void decode_request(const uint16_t *q, uint16_t *out, const uint16_t *lay
             accumulate_head(v + h * d, tok, n, s + (int64_t)h * g * len + t0, len, g, d,
                             acc + h * g * d);
     }
-    for (int i = 0; i < nh * d; i++) out[i] = f32_to_bf16(acc[i]);
+}
+
+/* out (bf16, nh * d) = the softmax-weighted V of a request from its parts' states (m, l:
+ * nh floats, acc: nh * d floats, each `part_stride` floats apart), rescaled to the largest
+ * maximum. */
+static void merge_parts(const float *state, int64_t part_stride, int parts, int nh, int d,
+                        uint16_t *out) {
+    for (int qh = 0; qh < nh; qh++) {
+        float big = -INFINITY, total = 0.f;
+        for (int p = 0; p < parts; p++) {
+            const float mp = state[p * part_stride + qh];
+            big = mp > big ? mp : big;
+        }
+        float w[64];
+        for (int p = 0; p < parts; p++) {
+            const float *st = state + p * part_stride;
+            w[p] = expf(st[qh] - big);
+            total += w[p] * st[nh + qh];
+        }
+        for (int c = 0; c < d; c++) {
+            float v = 0.f;
+            for (int p = 0; p < parts; p++)
+                v += w[p] * state[p * part_stride + 2 * nh + (int64_t)qh * d + c];
+            out[(int64_t)qh * d + c] = f32_to_bf16(v / total);
+        }
+    }
 }
 
 /* q: [D, nkv * g, d] bf16, request r's heads at q + r * q_stride, contiguous (query head j
  * of kv head h is h * g + j, HF's grouping); out: [D, nkv * g, d] contiguous bf16.
  * tables: [D, max_blocks] int64; seq_lens: [D] int64 (tokens incl. this one).
+ * Requests are the units split over threads; with fewer requests than threads each is cut
+ * into runs of blocks (one a thread, flash-decoding style) whose softmax states merge at
+ * the end, so batch-1 decode uses every thread. (Splitting by kv head instead measured
+ * slower: each thread then reads a third of every token's row, and DRAM reads whole lines.)
  * Returns 0, -1 when a shape is out of range, -2 when memory runs out. */
 int splitserve_paged_decode_bf16(const uint16_t *q, int64_t q_stride, uint16_t *out,
                                  const uint16_t *layer_k, int64_t block_stride, int64_t v_off,
@@ -197,25 +232,45 @@ int splitserve_paged_decode_bf16(const uint16_t *q, int64_t q_stride, uint16_t *
         if (seq_lens[r] < 1 || seq_lens[r] > max_blocks * bs) return -1;
         if (seq_lens[r] > max_len) max_len = seq_lens[r];
     }
-    const int64_t nh = (int64_t)nkv * g;
+    if (num_threads < 1) num_threads = 1;
+    const int parts = D < num_threads ? (num_threads < 64 ? num_threads : 64) : 1;
+    const int64_t nh = (int64_t)nkv * g, units = (int64_t)D * parts;
+    const int64_t part_stride = nh * (d + 2); /* m, l, acc */
+    float *state = malloc(sizeof(float) * units * part_stride);
+    if (!state) return -2;
     int failed = 0;
-#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && D > 1)
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && units > 1)
     {
-        float *s = malloc(sizeof(float) * (nh * max_len + 2 * nh * d) + sizeof(uint16_t) * nh * d);
+        float *s = malloc(sizeof(float) * (nh * max_len + nh * d) + sizeof(uint16_t) * nh * d);
         if (!s) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic)
-        for (int r = 0; r < D; r++) {
+        for (int64_t u = 0; u < units; u++) {
             if (!s) continue;
-            float *qf = s + nh * max_len, *acc = qf + nh * d;
-            decode_request(q + r * q_stride, out + r * nh * d, layer_k, block_stride, v_off,
-                           tables + (int64_t)r * max_blocks, seq_lens[r], nkv, g, d, bs, scale,
-                           s, qf, acc, (uint16_t *)(acc + nh * d));
+            const int64_t r = u / parts, p = u % parts, len = seq_lens[r];
+            /* part p's blocks: an even share of the request's, in order */
+            const int64_t nblocks = (len + bs - 1) / bs;
+            const int64_t b0 = nblocks * p / parts, b1 = nblocks * (p + 1) / parts;
+            float *st = state + u * part_stride, *qf = s + nh * max_len;
+            const int64_t t0 = b0 * bs, t1 = b1 * bs < len ? b1 * bs : len;
+            if (t1 <= t0) { /* no blocks left for this part: it adds nothing */
+                for (int64_t i = 0; i < nh; i++) st[i] = -INFINITY, st[nh + i] = 0.f;
+                memset(st + 2 * nh, 0, sizeof(float) * nh * d);
+                continue;
+            }
+            decode_part(q + r * q_stride, layer_k, block_stride, v_off,
+                        tables + (int64_t)r * max_blocks, t0, t1, nkv, g, d, bs, scale, s, qf,
+                        (uint16_t *)(qf + nh * d), st, st + nh, st + 2 * nh);
         }
+#pragma omp for
+        for (int r = 0; r < D; r++)
+            merge_parts(state + (int64_t)r * parts * part_stride, part_stride, parts, (int)nh, d,
+                        out + r * nh * d);
         free(s);
     }
+    free(state);
     return failed ? -2 : 0;
 }
 

@@ -80,6 +80,21 @@ def test_kernel_matches_float64_attention(nkv, g, d, bs, threads):
 
 
 @needs_kernel
+@pytest.mark.parametrize("threads", [2, 3, 8])
+@pytest.mark.parametrize("n", [1, 20, 16 * 7, 16 * 40 + 5])
+def test_one_request_split_over_threads_matches_float64(n, threads):
+    """Fewer requests than threads: each request's blocks are cut into runs, one a thread,
+    whose softmax states merge (runs with no blocks when there are fewer blocks than
+    threads). Same answer as one thread, as close to float64."""
+    cache, q, meta = paged_case([n], nkv=3, g=3, d=64, bs=16, seed=n)
+    want = reference(cache, q, meta, 1, 3)
+    got = kernel(q, cache, 1, meta.decode_block_table, meta.decode_seq_lens, 0.125, threads)
+    assert (got.double() - want).abs().max().item() < 2e-2
+    one = kernel(q, cache, 1, meta.decode_block_table, meta.decode_seq_lens, 0.125, 1)
+    assert (got.float() - one.float()).abs().max().item() <= 2 ** -7 * one.float().abs().max().item()
+
+
+@needs_kernel
 def test_kernel_reads_strided_queries():
     """The model hands the backend q as a view of the rotated [T, q + k heads, d] tensor."""
     cache, q, meta = paged_case([20, 33], nkv=3, g=3, d=64, bs=16)
