@@ -34,7 +34,22 @@ Q8_0_BLOCK_BYTES = 34
 
 
 class _RowBlocks:
-    """Row operations shared by the block formats (every field is [rows, ...])."""
+    """What the block formats share: q is [rows, cols], every field is [rows, ...]."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    @staticmethod
+    def _blocks(raw: np.ndarray, rows: int, cols: int, block_bytes: int,
+                fmt: str) -> tuple[np.ndarray, np.ndarray]:
+        """ggml's bytes as [rows, cols / 32, block_bytes] uint8 blocks, and their leading
+        fp16 scales d as float32 [rows, cols / 32]."""
+        if cols % Q4_1_GROUP:
+            raise ValueError(f"{fmt} rows must be a multiple of {Q4_1_GROUP} long, got {cols}")
+        blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, cols // Q4_1_GROUP,
+                                                                   block_bytes)
+        return blocks, blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
 
     def map_rows(self, fn):
         """Apply a row reordering (e.g. the q/k un-permutation) to every part alike."""
@@ -56,18 +71,10 @@ class Q4_1Weight(_RowBlocks):
     d: torch.Tensor
     m: torch.Tensor
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
-
     @classmethod
     def from_gguf_blocks(cls, raw: np.ndarray, rows: int, cols: int) -> "Q4_1Weight":
         """Parse ggml's Q4_1 bytes (`GGUFReader` tensor data, [rows, cols / 32 * 20] uint8)."""
-        if cols % Q4_1_GROUP:
-            raise ValueError(f"Q4_1 rows must be a multiple of {Q4_1_GROUP} long, got {cols}")
-        blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, cols // Q4_1_GROUP,
-                                                                   Q4_1_BLOCK_BYTES)
-        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        blocks, d = cls._blocks(raw, rows, cols, Q4_1_BLOCK_BYTES, "Q4_1")
         m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
         qs = blocks[..., 4:]
         # Byte j holds weight j in its low nibble and weight j + 16 in its high nibble.
@@ -90,18 +97,10 @@ class Q8_0Weight(_RowBlocks):
     q: torch.Tensor
     d: torch.Tensor
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
-
     @classmethod
     def from_gguf_blocks(cls, raw: np.ndarray, rows: int, cols: int) -> "Q8_0Weight":
         """Parse ggml's Q8_0 bytes ([rows, cols / 32 * 34] uint8)."""
-        if cols % Q4_1_GROUP:
-            raise ValueError(f"Q8_0 rows must be a multiple of {Q4_1_GROUP} long, got {cols}")
-        blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, cols // Q4_1_GROUP,
-                                                                   Q8_0_BLOCK_BYTES)
-        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        blocks, d = cls._blocks(raw, rows, cols, Q8_0_BLOCK_BYTES, "Q8_0")
         q = blocks[..., 2:].copy().view(np.int8).reshape(rows, cols)
         return cls(torch.from_numpy(q), torch.from_numpy(d))
 

@@ -5,7 +5,6 @@ same greedy tokens)."""
 from __future__ import annotations
 
 import ctypes
-import logging
 
 import pytest
 import torch
@@ -177,21 +176,15 @@ def test_scalar_build_without_avx512_bf16(tmp_path, monkeypatch):
     check_close(cases)
 
 
-def test_no_compiler_falls_back_to_torch(monkeypatch, caplog):
-    monkeypatch.setattr(native, "_compiler", lambda: None)
-    native.clear_caches()
-    try:
-        with caplog.at_level(logging.WARNING):
-            backend = CpuAttentionBackend()
-        assert backend.prefill_kernel is None
-        assert "no C compiler" in caplog.text
-        cache, q, table = prefill_case(20, 45, nkv=2, g=2, d=16, bs=4)
-        k, v = (cache[table, 0, i].reshape(-1, 2, 16)[25:45] for i in (0, 1))
-        out = torch.empty_like(q)
-        backend._prefill(0, q, k, v, cache, 45, table, out)
-        assert (out.double() - reference(cache, q, table, 0, 45)).abs().max().item() < 2e-2
-    finally:
-        native.clear_caches()
+def test_no_compiler_falls_back_to_torch(no_compiler):
+    backend = CpuAttentionBackend()
+    assert backend.prefill_kernel is None
+    assert "no C compiler" in no_compiler.text
+    cache, q, table = prefill_case(20, 45, nkv=2, g=2, d=16, bs=4)
+    k, v = (cache[table, 0, i].reshape(-1, 2, 16)[25:45] for i in (0, 1))
+    out = torch.empty_like(q)
+    backend._prefill(0, q, k, v, cache, 45, table, out)
+    assert (out.double() - reference(cache, q, table, 0, 45)).abs().max().item() < 2e-2
 
 
 def step_case(dtype, seed=0):
@@ -267,15 +260,3 @@ def test_engine_greedy_tokens_with_the_kernel_equal_torch_prefill(monkeypatch):
         assert eng.pool.num_free_blocks == eng.pool.num_blocks
     assert calls
     assert outs[True] == outs[False]
-
-
-def test_a_library_built_without_avx512_bf16_is_not_used():
-    class Scalar:  # what a build on a CPU without AVX512-BF16 reports
-        @staticmethod
-        def splitserve_paged_prefill_available():
-            return 0
-
-    assert native._vectorized(Scalar(), "paged_prefill") is False
-    lib = native.load_library("paged_prefill")
-    if lib is not None:
-        assert native._vectorized(lib, "paged_prefill") == (kernel is not None)
