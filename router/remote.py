@@ -78,9 +78,10 @@ class RemoteRouting:
         self._channel: Any = None
         self._stub: Any = None
         self._tasks: set[asyncio.Task] = set()
-        #: Marks not sent yet, in order, and the request ids they concern.
+        #: Marks not sent yet, in order, and per request id how many marks are queued or on
+        #: their way (a mark stays pending until the router has answered its call).
         self._marks: list[tuple[str, str]] = []
-        self._pending: set[str] = set()
+        self._pending: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._send_lock = asyncio.Lock()
         #: Requests booked at the router and not finished yet (router-side ids).
@@ -172,7 +173,9 @@ class RemoteRouting:
         pool_name = "prefill" if candidates[0].role == "prefill" else "decode"
         rid = self._rid(request_id) if request_id is not None else ""
         if rid and rid in self._pending:
-            await self._flush()  # the router must see this request's earlier marks first
+            # The router must see this request's earlier marks first: queued ones are sent,
+            # and one already on its way is waited for (the lock is held while it is sent).
+            await self._flush()
         req = router_pb2.RouteRequest(
             request_id=rid, token_ids=list(prompt_token_ids or ()), pool=pool_name,
             remote_kv=remote_kv, candidates=[c.address for c in candidates],
@@ -232,7 +235,7 @@ class RemoteRouting:
 
     def _queue(self, kind: str, rid: str) -> None:
         self._marks.append((kind, rid))
-        self._pending.add(rid)
+        self._pending[rid] = self._pending.get(rid, 0) + 1
         self._wake.set()
 
     async def _send_loop(self) -> None:
@@ -248,7 +251,6 @@ class RemoteRouting:
         async with self._send_lock:
             while self._marks:
                 batch, self._marks = self._marks, []
-                self._pending.clear()
                 for kind, ids in _runs(batch):
                     method = "MarkPrefillDone" if kind == _FIRST else "MarkFinished"
                     try:
@@ -258,6 +260,12 @@ class RemoteRouting:
                         logger.warning("router at %s: %s of %d requests lost (%s); it drops "
                                        "them after its request timeout", self.address, method,
                                        len(ids), _short(exc))
+                for _, rid in batch:  # answered (or lost): a Route need not wait for them
+                    left = self._pending[rid] - 1
+                    if left:
+                        self._pending[rid] = left
+                    else:
+                        del self._pending[rid]
 
     # -- introspection ------------------------------------------------------------------------
     async def _stats_loop(self) -> None:

@@ -212,9 +212,22 @@ async def test_candidates_the_router_does_not_follow_are_picked_locally():
         await teardown(ws, service, fes)
 
 
-async def test_prefill_and_decode_bookings_of_one_request():
-    """The disaggregated flow: a prefill pick, its first token, then the decode pick."""
-    ws = [FakeWorker("p0"), FakeWorker("d0")]
+@pytest.mark.parametrize("mark_in_flight", [False, True])
+async def test_prefill_and_decode_bookings_of_one_request(monkeypatch, mark_in_flight):
+    """The disaggregated flow: a prefill pick, its first token, then the decode pick. With
+    `mark_in_flight` the first-token mark is already on its way (the router answers it
+    slowly) when the decode pick is made: the pick must still reach the router after it."""
+    if mark_in_flight:
+        original = RouterService.MarkPrefillDone
+
+        async def slow_mark(self, request, context):
+            await asyncio.sleep(0.3)
+            return await original(self, request, context)
+
+        monkeypatch.setattr(RouterService, "MarkPrefillDone", slow_mark)
+    # Workers reporting no waiting requests: their Stats would otherwise be a floor under
+    # the tracked count once they arrive, whatever the marks did.
+    ws = [FakeWorker("p0", num_waiting=0), FakeWorker("d0", num_waiting=0)]
     addrs = [await w.start() for w in ws]
     service = RouterService(RouterConfig(block_size=BS),
                             [("prefill", addrs[0]), ("decode", addrs[1])])
@@ -229,6 +242,8 @@ async def test_prefill_and_decode_bookings_of_one_request():
         await wait_for(lambda: sorted(router.workers()) == ["d0", "p0"])
         assert (await pool.pick_async("prefill", prompt(6), request_id="d")).worker_id == "prefill-0"
         pool.request_first_token("d")                   # the prefill worker's part is over
+        if mark_in_flight:
+            await asyncio.sleep(0.1)  # the send loop has taken the mark and is sending it
         w = await pool.pick_async("decode", prompt(6), request_id="d", remote_kv=True)
         assert w.worker_id == "decode-0"
         assert router.load.view("p0").num_waiting == 0  # the mark arrived before the booking
