@@ -49,16 +49,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def keep_quantized(config: EngineConfig) -> bool:
     """Whether to load a GGUF file's Q4_1 (and Q8_0) matrices quantized (see
     EngineConfig.quantization)."""
-    from .native import load_quant_gemm
-    from .quant import int4_kernel_available
+    from .quant import QuantLinear
 
     if config.quantization == "none":
         return False
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device) if device.type == "cpu" else None
-    # bfloat16: the native kernel, else torch's; other dtypes: torch's int4 kernel only.
-    kernel = int4_kernel_available() or (dtype == torch.bfloat16 and load_quant_gemm() is not None)
-    if device.type != "cpu" or not kernel:
+    if device.type != "cpu" or not QuantLinear.supported("q4_1", dtype):
         if config.quantization == "q4_1":
             raise ValueError("quantization q4_1 runs on CPU only (a 4-bit CPU kernel: ours in "
                              "bfloat16, or torch's int4 kernel)")

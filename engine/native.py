@@ -44,6 +44,12 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 COMPILERS = ("cc", "gcc", "clang")
 
 
+def _layer_ptr(kv_cache: torch.Tensor, layer: int) -> int:
+    """Address of `layer`'s K in block 0 of a contiguous [blocks, layers, 2, ...] cache: the
+    kernels' base pointer, from which block b sits b * stride(0) elements further."""
+    return kv_cache.data_ptr() + layer * kv_cache.stride(1) * kv_cache.element_size()
+
+
 class PagedDecodeKernel:
     """Decode attention for bfloat16 caches laid out as the engine's
     [num_blocks, layers, 2, block_size, kv_heads, head_dim]."""
@@ -90,7 +96,7 @@ class PagedDecodeKernel:
             raise ValueError(f"the paged-decode kernel takes bfloat16 q rows, one per table "
                              f"row, and a layer of the cache (got layer {layer})")
         out = torch.empty(D, nh, d, dtype=q.dtype)
-        layer_k = kv_cache.data_ptr() + layer * kv_cache.stride(1) * kv_cache.element_size()
+        layer_k = _layer_ptr(kv_cache, layer)
         nkv = kv_cache.shape[4]
         rc = self._fn(q.data_ptr(), q.stride(0), out.data_ptr(), layer_k, kv_cache.stride(0),
                       kv_cache.stride(2), block_table.data_ptr(), block_table.shape[1],
@@ -117,7 +123,7 @@ class PagedDecodeKernel:
         for t in (slot_block, slot_offset):
             if t.dtype != torch.int64 or not t.is_contiguous() or t.shape != (T,):
                 raise ValueError("write_kv takes contiguous int64 slots, one per token")
-        layer_k = kv_cache.data_ptr() + layer * kv_cache.stride(1) * kv_cache.element_size()
+        layer_k = _layer_ptr(kv_cache, layer)
         rc = self._write(layer_k, kv_cache.stride(0), kv_cache.stride(2), kv_cache.shape[0], bs,
                          k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
                          slot_block.data_ptr(), slot_offset.data_ptr(), T, nkv * d)
@@ -183,7 +189,7 @@ class PagedPrefillKernel:
               or out.stride(1) != d or out.device.type != "cpu"):
             raise ValueError("the paged-prefill kernel writes bfloat16 rows shaped as q's, "
                              "heads contiguous")
-        layer_k = kv_cache.data_ptr() + layer * kv_cache.stride(1) * kv_cache.element_size()
+        layer_k = _layer_ptr(kv_cache, layer)
         rc = self._fn(q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0), layer_k,
                       kv_cache.stride(0), kv_cache.stride(2), block_table.data_ptr(),
                       block_table.shape[0], num_blocks, q_len, ctx, nkv, nh // nkv, d, bs,
@@ -448,41 +454,32 @@ def _vectorized(lib: ctypes.CDLL | None, name: str) -> bool:
     return True
 
 
-# One wrapper per process (every Linear asks for the GEMM at load).
-@functools.lru_cache(maxsize=1)
-def load_paged_decode() -> PagedDecodeKernel | None:
-    lib = load_library("paged_decode")
-    return PagedDecodeKernel(lib) if _vectorized(lib, "paged_decode") else None
+def _kernel_loader(name: str, wrapper):
+    """load_<name>(): csrc/<name>.c wrapped, or None where it is not built with AVX512-BF16.
+    One wrapper per process (every Linear asks for the GEMM at load)."""
+
+    @functools.lru_cache(maxsize=1)
+    def load():
+        lib = load_library(name)
+        return wrapper(lib) if _vectorized(lib, name) else None
+
+    load.__name__ = load.__qualname__ = f"load_{name}"
+    return load
 
 
-@functools.lru_cache(maxsize=1)
-def load_paged_prefill() -> PagedPrefillKernel | None:
-    lib = load_library("paged_prefill")
-    return PagedPrefillKernel(lib) if _vectorized(lib, "paged_prefill") else None
-
-
-@functools.lru_cache(maxsize=1)
-def load_small_gemm() -> SmallGemm | None:
-    lib = load_library("small_gemm")
-    return SmallGemm(lib) if _vectorized(lib, "small_gemm") else None
-
-
-@functools.lru_cache(maxsize=1)
-def load_quant_gemm() -> QuantGemm | None:
-    lib = load_library("quant_gemm")
-    return QuantGemm(lib) if _vectorized(lib, "quant_gemm") else None
-
-
-@functools.lru_cache(maxsize=1)
-def load_layer_ops() -> LayerOps | None:
-    lib = load_library("layer_ops")
-    return LayerOps(lib) if _vectorized(lib, "layer_ops") else None
+load_paged_decode = _kernel_loader("paged_decode", PagedDecodeKernel)
+load_paged_prefill = _kernel_loader("paged_prefill", PagedPrefillKernel)
+load_small_gemm = _kernel_loader("small_gemm", SmallGemm)
+load_quant_gemm = _kernel_loader("quant_gemm", QuantGemm)
+load_layer_ops = _kernel_loader("layer_ops", LayerOps)
+_LOADERS = (load_paged_decode, load_paged_prefill, load_small_gemm, load_quant_gemm,
+            load_layer_ops)
 
 
 def clear_caches() -> None:
     """Forget loaded kernels (tests that change what a load finds)."""
-    for fn in (load_library, load_paged_decode, load_paged_prefill, load_small_gemm,
-               load_quant_gemm, load_layer_ops):
+    load_library.cache_clear()
+    for fn in _LOADERS:
         fn.cache_clear()
 
 

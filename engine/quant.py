@@ -164,10 +164,11 @@ class QuantLinear:
         self.scales_zeros = torch.stack([w.d.t(), zero.t()], dim=-1).to(dtype).contiguous()
 
     @staticmethod
-    def supported(w: Q4_1Weight | Q8_0Weight, dtype: torch.dtype) -> bool:
+    def supported(fmt: str, dtype: torch.dtype | None) -> bool:
+        """Whether a kernel here runs `fmt` ("q4_1" / "q8_0") weights in `dtype`."""
         if dtype == torch.bfloat16 and load_quant_gemm() is not None:
             return True
-        return w.FORMAT == "q4_1" and int4_kernel_available()
+        return fmt == "q4_1" and int4_kernel_available()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and x.shape[0] > self.max_rows:

@@ -51,7 +51,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
         layer); otherwise the torch backend's preparation."""
         if not meta.num_decodes:
             return
-        if self.kernel is None or kv_cache.dtype != torch.bfloat16 or kv_cache.device.type != "cpu":
+        if not _runs(self.kernel, kv_cache):
             super().begin_step(meta, kv_cache, num_heads, num_kv_heads, head_dim)
             return
         self.kernel.check_step(kv_cache, meta.decode_block_table, meta.decode_seq_lens,
@@ -62,8 +62,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
                      kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
         """One native call for k and v (two indexed copies cost ~13 us of dispatch a layer,
         ~0.4 ms a decode step of SmolLM2)."""
-        if (self.kernel is None or kv_cache.dtype != torch.bfloat16
-                or kv_cache.device.type != "cpu"):
+        if not _runs(self.kernel, kv_cache):
             super()._write_cache(layer, k, v, kv_cache, meta)
             return
         self.kernel.write_kv(kv_cache, layer, k, v, meta.slot_block, meta.slot_offset)
@@ -79,12 +78,17 @@ class CpuAttentionBackend(TorchAttentionBackend):
     def _prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  kv_cache: torch.Tensor, ctx: int, table: torch.Tensor,
                  out: torch.Tensor) -> None:
-        if (self.prefill_kernel is None or kv_cache.dtype != torch.bfloat16
-                or kv_cache.device.type != "cpu"):
+        if not _runs(self.prefill_kernel, kv_cache):
             super()._prefill(layer, q, k, v, kv_cache, ctx, table, out)
             return
         self.prefill_kernel(q, kv_cache, layer, table, ctx, q.shape[-1] ** -0.5, out,
                             torch.get_num_threads())
+
+
+def _runs(kernel, kv_cache: torch.Tensor) -> bool:
+    """Whether `kernel` (None where not built) serves this cache: bfloat16, in CPU memory."""
+    return (kernel is not None and kv_cache.dtype == torch.bfloat16
+            and kv_cache.device.type == "cpu")
 
 
 #: backend_state of a step whose decodes the kernel runs.

@@ -126,12 +126,4 @@ void splitserve_silu_mul_bf16(const uint16_t *gu, uint16_t *out, int64_t T, int6
     }
 }
 
-/* 1 when built with AVX512-BF16: without it the scalar paths are slower than torch's, and
- * engine/native.py does not use this library. */
-int splitserve_layer_ops_available(void) {
-#if defined(__AVX512BF16__)
-    return 1;
-#else
-    return 0;
-#endif
-}
+SPLITSERVE_BF16_PROBE(layer_ops)

@@ -274,15 +274,7 @@ int splitserve_paged_decode_bf16(const uint16_t *q, int64_t q_stride, uint16_t *
     return failed ? -2 : 0;
 }
 
-/* 1 when built with AVX512-BF16: without it the scalar paths are slower than torch's, and
- * engine/native.py does not use this library. */
-int splitserve_paged_decode_available(void) {
-#if defined(__AVX512BF16__)
-    return 1;
-#else
-    return 0;
-#endif
-}
+SPLITSERVE_BF16_PROBE(paged_decode)
 
 /* This step's k and v rows into the cache: token t's kv heads go to block slot_block[t],
  * row slot_offset[t] of the layer (layer_k: the layer's K of block 0; V is v_off further).

@@ -482,12 +482,4 @@ int splitserve_paged_prefill_bf16(const uint16_t *q, int64_t q_stride, uint16_t 
     return failed ? -2 : 0;
 }
 
-/* 1 when built with AVX512-BF16: without it the scalar path is slower than torch's, and
- * engine/native.py does not use this library. */
-int splitserve_paged_prefill_available(void) {
-#if defined(__AVX512BF16__)
-    return 1;
-#else
-    return 0;
-#endif
-}
+SPLITSERVE_BF16_PROBE(paged_prefill)

@@ -41,13 +41,7 @@
 #define Q8_BYTES 544
 #define MAX_ROWS 8
 
-int splitserve_quant_gemm_available(void) {
-#if defined(__AVX512BF16__)
-    return 1;
-#else
-    return 0;
-#endif
-}
+SPLITSERVE_BF16_PROBE(quant_gemm)
 
 /* q: [N, K] uint8 (0..15), d, m: [N, K / 32] fp16 bits → out: ceil(N / 16) * (K / 32) * 320
  * bytes. Rows past N get q = d = m = 0. K must be a multiple of 32. */
@@ -240,6 +234,14 @@ static int quant_gemm(const uint16_t *x, int64_t ldx, int64_t M, const uint8_t *
     if (xsum != xsum_stack) free(xsum);
     return 0;
 }
+#else
+static int quant_gemm(const uint16_t *x, int64_t ldx, int64_t M, const uint8_t *wp,
+                      int64_t N, int64_t K, const uint16_t *bias, uint16_t *y, int64_t ldy,
+                      int num_threads, const int q8) {
+    (void)x; (void)ldx; (void)M; (void)wp; (void)N; (void)K; (void)bias; (void)y; (void)ldy;
+    (void)num_threads; (void)q8;
+    return -1;
+}
 #endif
 
 /* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) @ W.T + bias (bias may be NULL),
@@ -248,23 +250,11 @@ static int quant_gemm(const uint16_t *x, int64_t ldx, int64_t M, const uint8_t *
 int splitserve_q4_1_gemm_bf16(const uint16_t *x, int64_t ldx, int64_t M, const uint8_t *wp,
                               int64_t N, int64_t K, const uint16_t *bias, uint16_t *y,
                               int64_t ldy, int num_threads) {
-#if defined(__AVX512BF16__)
     return quant_gemm(x, ldx, M, wp, N, K, bias, y, ldy, num_threads, 0);
-#else
-    (void)x; (void)ldx; (void)M; (void)wp; (void)N; (void)K; (void)bias; (void)y; (void)ldy;
-    (void)num_threads;
-    return -1;
-#endif
 }
 
 int splitserve_q8_0_gemm_bf16(const uint16_t *x, int64_t ldx, int64_t M, const uint8_t *wp,
                               int64_t N, int64_t K, const uint16_t *bias, uint16_t *y,
                               int64_t ldy, int num_threads) {
-#if defined(__AVX512BF16__)
     return quant_gemm(x, ldx, M, wp, N, K, bias, y, ldy, num_threads, 1);
-#else
-    (void)x; (void)ldx; (void)M; (void)wp; (void)N; (void)K; (void)bias; (void)y; (void)ldy;
-    (void)num_threads;
-    return -1;
-#endif
 }

@@ -44,4 +44,15 @@ static inline __m512 round_bf16x16(__m512 v) {
 }
 #endif
 
+/* int splitserve_<name>_available(void): 1 when the library was built with AVX512-BF16.
+ * Without it the scalar paths lose to torch's vectorised ops, and engine/native.py does not
+ * use the library. */
+#if defined(__AVX512BF16__)
+#define SPLITSERVE_BF16_PROBE(name) \
+    int splitserve_##name##_available(void) { return 1; }
+#else
+#define SPLITSERVE_BF16_PROBE(name) \
+    int splitserve_##name##_available(void) { return 0; }
+#endif
+
 #endif

@@ -16,17 +16,12 @@
 #endif
 
 #include "bf16.h"
+#include "simd.h"
 
 #define TILE_N 64
 #define MAX_ROWS 6
 
-int splitserve_small_gemm_available(void) {
-#if defined(__AVX512BF16__)
-    return 1;
-#else
-    return 0;
-#endif
-}
+SPLITSERVE_BF16_PROBE(small_gemm)
 
 /* out: ceil(N / 64) * 64 * K bf16; rows past N are zero. K must be even. */
 void splitserve_pack_bf16(const uint16_t *w, uint16_t *out, int64_t N, int64_t K) {

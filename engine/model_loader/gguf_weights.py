@@ -216,6 +216,7 @@ def state_dict_from_gguf(
     from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import dequantize
 
+    kept = {GGMLQuantizationType.Q4_1: Q4_1Weight, GGMLQuantizationType.Q8_0: Q8_0Weight}
     reader = GGUFReader(str(path))
     permuted = str(reader.get_field("general.architecture").contents()) in _PERMUTED_ARCHS
     expected = expected_shapes(cfg)
@@ -228,7 +229,6 @@ def state_dict_from_gguf(
             continue
         # numpy shape of the values is ggml's shape reversed: (rows, cols) as HF has it
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        kept = {GGMLQuantizationType.Q4_1: Q4_1Weight, GGMLQuantizationType.Q8_0: Q8_0Weight}
         if keep_quantized and tensor.tensor_type in kept and len(shape) == 2:
             q = kept[tensor.tensor_type].from_gguf_blocks(tensor.data, *shape)
             out[name] = q.map_rows(lambda t: _unpermute_if(permuted, name, t, cfg))

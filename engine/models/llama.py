@@ -112,7 +112,7 @@ class LlamaForCausalLM:
             kinds = {type(p) for p in parts}
             if (self.device.type != "cpu" or len(kinds) != 1
                     or kinds.pop() not in (Q4_1Weight, Q8_0Weight)
-                    or not QuantLinear.supported(parts[0], self.dtype)):
+                    or not QuantLinear.supported(parts[0].FORMAT, self.dtype)):
                 return dense
             self.weight_format = "quantized"
             return QuantLinear(type(parts[0]).cat(parts), bias, self.dtype, dense)

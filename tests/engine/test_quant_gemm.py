@@ -141,6 +141,6 @@ def test_quant_linear_without_the_kernel_uses_torchs(monkeypatch):
     assert torch.nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0) > 0.999
     # Q8_0 has no torch kernel: not supported, and refused if asked
     q8 = random_q8(64, 64, seed=12)
-    assert not QuantLinear.supported(q8, torch.bfloat16)
+    assert not QuantLinear.supported(q8.FORMAT, torch.bfloat16)
     with pytest.raises(ValueError, match="q8_0"):
         QuantLinear(q8, None, torch.bfloat16)
