@@ -64,8 +64,7 @@ logger = logging.getLogger(__name__)
 #: serve flags of each setup, in the order they run (the first one is calibrated).
 SETUPS: dict[str, list[str]] = {
     "aggregated": ["--decode-workers", "2", "--prefill-workers", "0"],
-    "disaggregated": ["--prefill-workers", "1", "--decode-workers", "1",
-                      "--max-local-prefill-tokens", "0"],
+    "disaggregated": ["--prefill-workers", "1", "--decode-workers", "1"],
 }
 #: /health worker counts each setup must reach.
 SETUP_WORKERS: dict[str, dict[str, int]] = {
@@ -112,6 +111,8 @@ class DisaggBenchConfig:
     pin_workers: bool = True
     #: --max-prefill-queue of the disaggregated frontend; None: serve's default.
     max_prefill_queue: int | None = None
+    #: --max-local-prefill-tokens of the disaggregated frontend; None: serve's default.
+    max_local_prefill_tokens: int | None = None
     #: Seeds the prompts and arrival times (the same in both setups).
     seed: int = 0
     #: Seconds one request may take; seconds a server may take to become healthy.
@@ -408,6 +409,8 @@ def serve_flags(name: str, cfg: DisaggBenchConfig) -> list[str]:
         flags += ["--kv-transport", cfg.kv_transport]
         if cfg.max_prefill_queue is not None:
             flags += ["--max-prefill-queue", str(cfg.max_prefill_queue)]
+        if cfg.max_local_prefill_tokens is not None:
+            flags += ["--max-local-prefill-tokens", str(cfg.max_local_prefill_tokens)]
     return flags
 
 
@@ -605,6 +608,9 @@ def register(subparsers) -> None:
     p.add_argument("--kv-transport", default="auto", choices=TRANSPORT_KINDS)
     p.add_argument("--max-prefill-queue", type=int, default=None,
                    help="disaggregated frontend's --max-prefill-queue (default: serve's)")
+    p.add_argument("--max-local-prefill-tokens", type=int, default=None,
+                   help="disaggregated frontend's --max-local-prefill-tokens (default: serve's; "
+                        "0: every prompt to the prefill worker)")
     p.add_argument("--no-pin-workers", action="store_true",
                    help="let the OS place the workers (default: serve --pin-workers)")
     p.add_argument("--seed", type=int, default=0)
@@ -624,7 +630,8 @@ def run(args: argparse.Namespace) -> int:
             rate_multipliers=QUICK_RATE_MULTIPLIERS if args.quick else FULL_RATE_MULTIPLIERS,
             num_requests=args.num_requests or (6 if args.quick else 20),
             slo_ttft_ms=args.slo_ttft_ms, slo_itl_ms=args.slo_itl_ms,
-            max_prefill_queue=args.max_prefill_queue, seed=args.seed, quick=args.quick,
+            max_prefill_queue=args.max_prefill_queue,
+            max_local_prefill_tokens=args.max_local_prefill_tokens, seed=args.seed, quick=args.quick,
             pin_workers=not args.no_pin_workers,
             progress=not args.no_progress)
     except ValueError as exc:

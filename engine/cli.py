@@ -23,6 +23,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="most requests running at once (default 64; a prefill worker on CPU: 1, "
                         "i.e. one prompt per step, first come first served)")
     p.add_argument("--no-chunked-prefill", action="store_true")
+    p.add_argument("--max-prefill-tokens-with-decodes", type=int, default=None, metavar="N",
+                   help="most prompt tokens a step that also runs decodes may carry (default: "
+                        "the whole budget); 0: prompts wait for a step without decodes, for at most "
+                        "--max-prefill-hold-s (serve gives its decode workers 0 when there are "
+                        "prefill workers)")
+    p.add_argument("--max-prefill-hold-s", type=float, default=None, metavar="S",
+                   help="a prompt that arrived S seconds ago is no longer held back by "
+                        "--max-prefill-tokens-with-decodes (default 2)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
@@ -41,6 +49,9 @@ def engine_config_from_args(args: argparse.Namespace, **over):
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs if args.max_num_seqs is not None else EngineConfig.max_num_seqs,
         enable_chunked_prefill=not args.no_chunked_prefill,
+        max_prefill_tokens_with_decodes=args.max_prefill_tokens_with_decodes,
+        max_prefill_hold_s=(args.max_prefill_hold_s if args.max_prefill_hold_s is not None
+                            else EngineConfig.max_prefill_hold_s),
         enable_prefix_caching=not args.no_prefix_caching,
         attention_backend=args.attention_backend, num_threads=args.num_threads,
         quantization=args.quantization,

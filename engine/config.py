@@ -75,6 +75,14 @@ class EngineConfig:
     max_num_seqs: int = 64
     #: Split long prompts into chunks that share steps with decodes.
     enable_chunked_prefill: bool = True
+    #: Most prompt tokens a step that also runs decode tokens may carry; None: any (up to
+    #: the budget). 0 holds prompts back until a step without decodes (what a disaggregated
+    #: decode worker wants for the prompts it prefills itself: they run in its idle time and
+    #: never stall a running request's next token), for at most `max_prefill_hold_s`.
+    max_prefill_tokens_with_decodes: int | None = None
+    #: A prompt that arrived this many seconds ago is no longer held back by
+    #: `max_prefill_tokens_with_decodes` (no prompt waits forever behind a busy decode batch).
+    max_prefill_hold_s: float = 2.0
     #: Reuse cached KV blocks by chained block hash.
     enable_prefix_caching: bool = True
     #: auto (flashinfer on CUDA when installed, cpu on CPU) | torch | cpu | flashinfer.
@@ -109,6 +117,11 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
+        if self.max_prefill_tokens_with_decodes is not None and self.max_prefill_tokens_with_decodes < 0:
+            raise ValueError("max_prefill_tokens_with_decodes must be >= 0, got "
+                             f"{self.max_prefill_tokens_with_decodes}")
+        if not self.max_prefill_hold_s >= 0:
+            raise ValueError(f"max_prefill_hold_s must be >= 0, got {self.max_prefill_hold_s}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be {'|'.join(ATTENTION_BACKENDS)}, "
                              f"got {self.attention_backend!r}")

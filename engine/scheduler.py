@@ -46,6 +46,38 @@ class SchedulerOutput:
         return bool(self.scheduled)
 
 
+class _PromptHold:
+    """`max_prefill_tokens_with_decodes` for one step: while the step runs decode tokens,
+    prompt chunks (more than one new token) share at most that many tokens; a prompt that
+    arrived `max_prefill_hold_s` ago or earlier is exempt."""
+
+    def __init__(self, left: int | None, cutoff: float = 0.0) -> None:
+        self.left = left  # None: no cap this step
+        self.cutoff = cutoff
+
+    @classmethod
+    def for_step(cls, config: EngineConfig, running, waiting) -> "_PromptHold":
+        cap = config.max_prefill_tokens_with_decodes
+        if cap is None:
+            return cls(None)
+        decoding = any(r.num_tokens - r.num_computed_tokens == 1 for r in running) or any(
+            r.num_computed_tokens and r.num_tokens - r.num_computed_tokens == 1 for r in waiting)
+        if not decoding:
+            return cls(None)
+        return cls(cap, time.monotonic() - config.max_prefill_hold_s)
+
+    def _held(self, req: Request, wanted: int) -> bool:
+        return self.left is not None and wanted > 1 and req.arrival_time > self.cutoff
+
+    def allow(self, req: Request, wanted: int) -> int:
+        """The tokens `req` may run this step of the `wanted` it has left."""
+        return min(wanted, self.left) if self._held(req, wanted) else wanted
+
+    def took(self, req: Request, wanted: int, taken: int) -> None:
+        if self._held(req, wanted):
+            self.left -= taken
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, kv: KVCacheManager, max_model_len: int) -> None:
         self.config = config
@@ -152,11 +184,16 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         chunked = self.config.enable_chunked_prefill
+        hold = _PromptHold.for_step(self.config, self.running, self.waiting)
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            wanted = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = hold.allow(req, wanted)
+            if not num_new:  # a prompt chunk held back while decodes run
+                i += 1
+                continue
             scheduled = True
             while not self.kv.allocate(req, num_new):
                 victim = self.running[-1]
@@ -168,20 +205,26 @@ class Scheduler:
             if not scheduled:
                 break
             out.scheduled.append(ScheduledRequest(req, num_new, req.num_computed_tokens))
+            hold.took(req, wanted, num_new)
             budget -= num_new
             i += 1
 
+        i = 0
         while (
-            self.waiting
+            i < len(self.waiting)
             and budget > 0
             and not out.preempted
             and len(self.running) < self.config.max_num_seqs
         ):
-            req = self.waiting[0]
+            req = self.waiting[i]
             # A request with computed tokens (KV pulled from a prefill worker) resumes.
             cached = self.kv.find_cached_prefix(req) if not req.num_computed_tokens else []
             num_cached = len(cached) * self.kv.block_size or req.num_computed_tokens
-            num_new = req.num_tokens - num_cached
+            wanted = req.num_tokens - num_cached
+            num_new = hold.allow(req, wanted)
+            if num_new < wanted and (not num_new or not chunked):
+                i += 1  # held back: the requests behind it (decodes resuming) may still run
+                continue
             if num_new > budget:
                 # Without chunking a prompt runs whole; one longer than the full budget
                 # (possible after preemption) still runs in chunks rather than never.
@@ -190,13 +233,14 @@ class Scheduler:
                 num_new = budget
             if not self.kv.allocate(req, num_new, cached):
                 break
-            self.waiting.popleft()
+            del self.waiting[i]
             if req.num_preemptions == 0 and not req.num_cached_tokens:
                 req.num_cached_tokens = num_cached
             req.num_computed_tokens = num_cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, num_new, num_cached))
+            hold.took(req, wanted, num_new)
             budget -= num_new
         return out
 

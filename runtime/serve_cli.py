@@ -58,11 +58,17 @@ def build_plan(args: argparse.Namespace, discovery_url: str) -> tuple[list[tuple
                "--kv-pull-timeout", str(args.kv_pull_timeout)]
     workers = []
     cores = worker_cores(args)
+    decode_argv = engine_argv(args)
+    if getattr(args, "prefill_workers", 0) and getattr(args, "max_prefill_tokens_with_decodes",
+                                                        None) is None:
+        # Disaggregated: the prompts a decode worker prefills itself (short ones, fallbacks)
+        # wait for a step without decodes, so they never stall its running requests.
+        decode_argv += ["--max-prefill-tokens-with-decodes", "0"]
     for i in range(args.decode_workers):
         name = f"decode-{i}"
         workers.append((name, splitserve_argv(
             *log, "worker", "--role", "decode", "--host", "127.0.0.1", "--port", "0",
-            "--worker-id", name, "--discovery", discovery_url, *kv_argv, *engine_argv(args),
+            "--worker-id", name, "--discovery", discovery_url, *kv_argv, *decode_argv,
             *next(cores))))
     for i in range(getattr(args, "prefill_workers", 0)):
         name = f"prefill-{i}"

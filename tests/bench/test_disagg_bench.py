@@ -168,13 +168,14 @@ def test_flags_override_rates_and_slos(tmp_path, monkeypatch):
 @pytest.mark.live
 def test_live_disaggregated_point_tiny(tmp_path):
     """One real `serve` (1 prefill + 1 decode worker): healthy, timed solo, driven, every
-    prompt prefilled remotely, stopped afterwards."""
+    prompt prefilled remotely (--max-local-prefill-tokens 0: these prompts are short enough
+    to prefill locally otherwise), stopped afterwards."""
     from tests.helpers.serve import skip_without_model
 
     skip_without_model()
     cfg = DisaggBenchConfig(isl_range=(40, 80), osl_range=(3, 6), rates=(4.0,), num_requests=3,
                             slo_ttft_ms=60_000, slo_itl_ms=60_000, progress=False,
-                            ready_timeout_s=120)
+                            ready_timeout_s=120, max_local_prefill_tokens=0)
 
     def plan(solo):
         assert solo["ttft_ms"] > 0 and solo["tpot_ms"] > 0 and solo["isl"] == 60
@@ -196,3 +197,14 @@ def test_setups_pin_their_workers_unless_told_not_to():
     for name in ("aggregated", "disaggregated"):
         assert "--pin-workers" in serve_flags(name, DisaggBenchConfig())
         assert "--pin-workers" not in serve_flags(name, DisaggBenchConfig(pin_workers=False))
+
+
+def test_disaggregated_setup_takes_the_frontend_routing_flags():
+    from splitserve.bench.disagg import DisaggBenchConfig, serve_flags
+
+    flags = serve_flags("disaggregated", DisaggBenchConfig())
+    assert "--max-local-prefill-tokens" not in flags and "--max-prefill-queue" not in flags
+    flags = serve_flags("disaggregated", DisaggBenchConfig(max_local_prefill_tokens=0, max_prefill_queue=2))
+    assert flags[flags.index("--max-local-prefill-tokens") + 1] == "0"
+    assert flags[flags.index("--max-prefill-queue") + 1] == "2"
+    assert "--max-local-prefill-tokens" not in serve_flags("aggregated", DisaggBenchConfig(max_local_prefill_tokens=0))

@@ -8,9 +8,9 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import Scheduler
 
 
-def sched(blocks=16, budget=16, seqs=8, chunked=True, bs=4):
+def sched(blocks=16, budget=16, seqs=8, chunked=True, bs=4, **over):
     cfg = EngineConfig(model="x", block_size=bs, max_num_batched_tokens=budget, max_num_seqs=seqs,
-                       enable_chunked_prefill=chunked, num_kv_blocks=blocks)
+                       enable_chunked_prefill=chunked, num_kv_blocks=blocks, **over)
     pool = BlockPool(blocks)
     return Scheduler(cfg, KVCacheManager(pool, bs), max_model_len=1024), pool
 
@@ -101,3 +101,82 @@ def test_duplicate_id_rejected():
     s.add(req("a", 3))
     with pytest.raises(ValueError):
         s.add(req("a", 3))
+
+
+def scheduled(out):
+    return {x.request.request_id: x.num_new_tokens for x in out.scheduled}
+
+
+def test_prompts_wait_for_a_step_without_decodes():
+    """max_prefill_tokens_with_decodes=0: a new prompt does not share a step with a running
+    decode (a disaggregated decode worker's local prefill runs in its idle time)."""
+    s, pool = sched(budget=16, max_prefill_tokens_with_decodes=0)
+    s.add(req("a", 3, max_tokens=3))
+    assert scheduled(run_step(s)) == {"a": 3}  # nothing decodes yet: the prompt runs
+    s.add(req("b", 12))
+    assert scheduled(run_step(s)) == {"a": 1}
+    assert s.requests["b"].status is RequestStatus.WAITING
+    assert scheduled(run_step(s)) == {"a": 1}  # a's last token
+    assert "a" not in s.requests  # finished
+    assert scheduled(run_step(s)) == {"b": 12}  # no decodes left: b runs whole
+    while s.has_unfinished():
+        run_step(s)
+    assert pool.num_free_blocks == pool.num_blocks
+
+
+def test_prompt_tokens_capped_while_decoding_and_shared():
+    s, _ = sched(budget=16, max_prefill_tokens_with_decodes=5)
+    s.add(req("a", 3, max_tokens=8))
+    run_step(s)
+    s.add(req("b", 4))
+    s.add(req("c", 9))
+    # a decodes; b and c share the 5 prompt tokens, first come first served
+    assert scheduled(run_step(s)) == {"a": 1, "b": 4, "c": 1}
+    assert scheduled(run_step(s)) == {"a": 1, "b": 1, "c": 5}  # b decodes now
+    # a held chunk of a running prompt is skipped, not the requests after it
+    assert scheduled(run_step(s)) == {"a": 1, "b": 1, "c": 3}
+
+
+def test_running_prompt_chunk_held_while_others_decode():
+    s, _ = sched(budget=4, max_prefill_tokens_with_decodes=0)
+    s.add(req("a", 10, max_tokens=5))
+    s.add(req("b", 2, max_tokens=5))
+    assert scheduled(run_step(s)) == {"a": 4}
+    assert scheduled(run_step(s)) == {"a": 4}
+    assert scheduled(run_step(s)) == {"a": 2, "b": 2}  # no decodes yet: both prompts run
+    assert scheduled(run_step(s)) == {"a": 1, "b": 1}
+
+
+def test_held_prompt_runs_after_max_hold():
+    s, _ = sched(budget=16, max_prefill_tokens_with_decodes=0, max_prefill_hold_s=5.0)
+    s.add(req("a", 3, max_tokens=8))
+    run_step(s)
+    s.add(req("b", 6))
+    assert scheduled(run_step(s)) == {"a": 1}
+    s.requests["b"].arrival_time -= 5.0  # it has waited its longest
+    assert scheduled(run_step(s)) == {"a": 1, "b": 6}
+
+
+def test_held_prompt_does_not_block_a_resumed_decode_behind_it():
+    """A request whose prompt KV arrived from a prefill worker queues at the front; a held
+    local prompt ahead of one in the waiting queue must not stop it."""
+    s, pool = sched(budget=16, max_prefill_tokens_with_decodes=0)
+    s.add(req("a", 3, max_tokens=8))
+    run_step(s)
+    s.add(req("held", 8))
+    remote = req("r", 5)
+    remote.append_token(9)
+    s.add_remote(remote)
+    assert s.kv.allocate(remote, 5)
+    s.remote_ready("r", True)
+    s.waiting.rotate(-1)  # put the held prompt first
+    assert [r.request_id for r in s.waiting] == ["held", "r"]
+    assert scheduled(run_step(s)) == {"a": 1, "r": 1}
+    assert [r.request_id for r in s.waiting] == ["held"]
+
+
+def test_prompt_hold_settings_checked():
+    with pytest.raises(ValueError, match="max_prefill_tokens_with_decodes"):
+        EngineConfig(model="x", max_prefill_tokens_with_decodes=-1)
+    with pytest.raises(ValueError, match="max_prefill_hold_s"):
+        EngineConfig(model="x", max_prefill_hold_s=float("nan"))

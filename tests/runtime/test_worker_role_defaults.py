@@ -43,3 +43,26 @@ def test_serve_leaves_the_choice_to_each_worker():
     assert workers and all("--max-num-seqs" not in argv for _, argv in workers)
     workers, _ = build_plan(parse("serve", "--prefill-workers", "1", "--max-num-seqs", "4"), "embedded://x")
     assert all(argv[argv.index("--max-num-seqs") + 1] == "4" for _, argv in workers)
+
+
+def _flag(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+def test_serve_holds_local_prompts_on_disaggregated_decode_workers():
+    """With prefill workers, decode workers run their own prompts only between decodes
+    (--max-prefill-tokens-with-decodes 0), unless the flag was given; aggregated decode
+    workers, and prefill workers, keep the engine's default (no cap)."""
+    flag = "--max-prefill-tokens-with-decodes"
+    workers = dict(build_plan(parse("serve", "--prefill-workers", "1"), "embedded://x")[0])
+    assert _flag(workers["decode-0"], flag) == "0"
+    assert _flag(workers["prefill-0"], flag) is None
+    worker_args = parse("worker", *workers["decode-0"][workers["decode-0"].index("--role"):])
+    assert engine_config_from_args(worker_args).max_prefill_tokens_with_decodes == 0
+    workers = dict(build_plan(parse("serve", "--decode-workers", "2"), "embedded://x")[0])
+    assert all(_flag(argv, flag) is None for argv in workers.values())
+    given = parse("serve", "--prefill-workers", "1", flag, "64", "--max-prefill-hold-s", "0.5")
+    workers = dict(build_plan(given, "embedded://x")[0])
+    assert _flag(workers["decode-0"], flag) == "64" and _flag(workers["prefill-0"], flag) == "64"
+    cfg = engine_config_from_args(parse("worker", *workers["decode-0"][workers["decode-0"].index("--role"):]))
+    assert (cfg.max_prefill_tokens_with_decodes, cfg.max_prefill_hold_s) == (64, 0.5)
