@@ -23,6 +23,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="most requests running at once (default 64; a prefill worker on CPU: 1, "
                         "i.e. one prompt per step, first come first served)")
     p.add_argument("--no-chunked-prefill", action="store_true")
+    p.add_argument("--max-prefill-tokens-per-step", type=int, default=None, metavar="N",
+                   help="most prompt tokens one step runs, all chunks together (default: the "
+                        "budget); bounds how long a request arriving mid-prefill waits")
     p.add_argument("--max-prefill-tokens-with-decodes", type=int, default=None, metavar="N",
                    help="most prompt tokens a step that also runs decodes may carry (default: "
                         "the whole budget); 0: prompts wait for a step without decodes, for at most "
@@ -49,6 +52,7 @@ def engine_config_from_args(args: argparse.Namespace, **over):
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs if args.max_num_seqs is not None else EngineConfig.max_num_seqs,
         enable_chunked_prefill=not args.no_chunked_prefill,
+        max_prefill_tokens_per_step=args.max_prefill_tokens_per_step,
         max_prefill_tokens_with_decodes=args.max_prefill_tokens_with_decodes,
         max_prefill_hold_s=(args.max_prefill_hold_s if args.max_prefill_hold_s is not None
                             else EngineConfig.max_prefill_hold_s),

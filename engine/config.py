@@ -75,6 +75,9 @@ class EngineConfig:
     max_num_seqs: int = 64
     #: Split long prompts into chunks that share steps with decodes.
     enable_chunked_prefill: bool = True
+    #: Most prompt tokens one step runs, all prompt chunks together; None: up to the budget.
+    #: A small value bounds how long a request that turns up mid-prefill waits for its step.
+    max_prefill_tokens_per_step: int | None = None
     #: Most prompt tokens a step that also runs decode tokens may carry; None: any (up to
     #: the budget). 0 holds prompts back until a step without decodes (what a disaggregated
     #: decode worker wants for the prompts it prefills itself: they run in its idle time and
@@ -117,6 +120,12 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
+        if self.max_prefill_tokens_per_step is not None and self.max_prefill_tokens_per_step < 1:
+            raise ValueError("max_prefill_tokens_per_step must be >= 1, got "
+                             f"{self.max_prefill_tokens_per_step}")
+        if self.max_prefill_tokens_per_step is not None and not self.enable_chunked_prefill:
+            raise ValueError("max_prefill_tokens_per_step needs chunked prefill (a longer prompt "
+                             "could never run whole)")
         if self.max_prefill_tokens_with_decodes is not None and self.max_prefill_tokens_with_decodes < 0:
             raise ValueError("max_prefill_tokens_with_decodes must be >= 0, got "
                              f"{self.max_prefill_tokens_with_decodes}")

@@ -46,36 +46,47 @@ class SchedulerOutput:
         return bool(self.scheduled)
 
 
-class _PromptHold:
-    """`max_prefill_tokens_with_decodes` for one step: while the step runs decode tokens,
-    prompt chunks (more than one new token) share at most that many tokens; a prompt that
-    arrived `max_prefill_hold_s` ago or earlier is exempt."""
+class _PromptBudget:
+    """The prompt tokens of one step: at most `max_prefill_tokens_per_step` for all prompt
+    chunks (more than one new token) together, and while the step runs decode tokens at most
+    `max_prefill_tokens_with_decodes` for the prompts that arrived less than
+    `max_prefill_hold_s` ago."""
 
-    def __init__(self, left: int | None, cutoff: float = 0.0) -> None:
-        self.left = left  # None: no cap this step
+    def __init__(self, per_step: int | None, with_decodes: int | None = None,
+                 cutoff: float = 0.0) -> None:
+        self.per_step = per_step  # None: no cap
+        self.with_decodes = with_decodes  # None: no cap this step
         self.cutoff = cutoff
 
     @classmethod
-    def for_step(cls, config: EngineConfig, running, waiting) -> "_PromptHold":
+    def for_step(cls, config: EngineConfig, running, waiting) -> "_PromptBudget":
         cap = config.max_prefill_tokens_with_decodes
-        if cap is None:
-            return cls(None)
-        decoding = any(r.num_tokens - r.num_computed_tokens == 1 for r in running) or any(
-            r.num_computed_tokens and r.num_tokens - r.num_computed_tokens == 1 for r in waiting)
-        if not decoding:
-            return cls(None)
-        return cls(cap, time.monotonic() - config.max_prefill_hold_s)
+        if cap is not None and not (
+                any(r.num_tokens - r.num_computed_tokens == 1 for r in running)
+                or any(r.num_computed_tokens and r.num_tokens - r.num_computed_tokens == 1
+                       for r in waiting)):
+            cap = None  # no decodes this step
+        return cls(config.max_prefill_tokens_per_step, cap,
+                   time.monotonic() - config.max_prefill_hold_s)
 
-    def _held(self, req: Request, wanted: int) -> bool:
-        return self.left is not None and wanted > 1 and req.arrival_time > self.cutoff
+    def _held(self, req: Request) -> bool:
+        return self.with_decodes is not None and req.arrival_time > self.cutoff
 
     def allow(self, req: Request, wanted: int) -> int:
         """The tokens `req` may run this step of the `wanted` it has left."""
-        return min(wanted, self.left) if self._held(req, wanted) else wanted
+        if wanted <= 1:
+            return wanted  # a decode token
+        if self.per_step is not None:
+            wanted = min(wanted, self.per_step)
+        return min(wanted, self.with_decodes) if self._held(req) else wanted
 
     def took(self, req: Request, wanted: int, taken: int) -> None:
-        if self._held(req, wanted):
-            self.left -= taken
+        if wanted <= 1:
+            return
+        if self.per_step is not None:
+            self.per_step -= taken
+        if self._held(req):
+            self.with_decodes -= taken
 
 
 class Scheduler:
@@ -184,13 +195,13 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         chunked = self.config.enable_chunked_prefill
-        hold = _PromptHold.for_step(self.config, self.running, self.waiting)
+        prompts = _PromptBudget.for_step(self.config, self.running, self.waiting)
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             wanted = min(req.num_tokens - req.num_computed_tokens, budget)
-            num_new = hold.allow(req, wanted)
+            num_new = prompts.allow(req, wanted)
             if not num_new:  # a prompt chunk held back while decodes run
                 i += 1
                 continue
@@ -205,7 +216,7 @@ class Scheduler:
             if not scheduled:
                 break
             out.scheduled.append(ScheduledRequest(req, num_new, req.num_computed_tokens))
-            hold.took(req, wanted, num_new)
+            prompts.took(req, wanted, num_new)
             budget -= num_new
             i += 1
 
@@ -221,7 +232,7 @@ class Scheduler:
             cached = self.kv.find_cached_prefix(req) if not req.num_computed_tokens else []
             num_cached = len(cached) * self.kv.block_size or req.num_computed_tokens
             wanted = req.num_tokens - num_cached
-            num_new = hold.allow(req, wanted)
+            num_new = prompts.allow(req, wanted)
             if num_new < wanted and (not num_new or not chunked):
                 i += 1  # held back: the requests behind it (decodes resuming) may still run
                 continue
@@ -240,7 +251,7 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, num_new, num_cached))
-            hold.took(req, wanted, num_new)
+            prompts.took(req, wanted, num_new)
             budget -= num_new
         return out
 

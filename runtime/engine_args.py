@@ -17,6 +17,7 @@ _VALUED = (
     ("--max-model-len", "max_model_len"),
     ("--max-num-batched-tokens", "max_num_batched_tokens"),
     ("--max-num-seqs", "max_num_seqs"),
+    ("--max-prefill-tokens-per-step", "max_prefill_tokens_per_step"),
     ("--max-prefill-tokens-with-decodes", "max_prefill_tokens_with_decodes"),
     ("--max-prefill-hold-s", "max_prefill_hold_s"),
     ("--attention-backend", "attention_backend"),

@@ -180,3 +180,32 @@ def test_prompt_hold_settings_checked():
         EngineConfig(model="x", max_prefill_tokens_with_decodes=-1)
     with pytest.raises(ValueError, match="max_prefill_hold_s"):
         EngineConfig(model="x", max_prefill_hold_s=float("nan"))
+    with pytest.raises(ValueError, match="max_prefill_tokens_per_step"):
+        EngineConfig(model="x", max_prefill_tokens_per_step=0)
+    with pytest.raises(ValueError, match="needs chunked prefill"):
+        EngineConfig(model="x", max_prefill_tokens_per_step=8, enable_chunked_prefill=False)
+
+
+def test_prompt_tokens_per_step_cap_chunks_every_prompt():
+    s, pool = sched(budget=16, max_prefill_tokens_per_step=5)
+    s.add(req("a", 7, max_tokens=3))
+    s.add(req("b", 3, max_tokens=3))
+    assert scheduled(run_step(s)) == {"a": 5}
+    assert scheduled(run_step(s)) == {"a": 2, "b": 3}
+    assert scheduled(run_step(s)) == {"a": 1, "b": 1}  # decodes are not prompt tokens
+    while s.has_unfinished():
+        run_step(s)
+    assert pool.num_free_blocks == pool.num_blocks
+
+
+def test_both_prompt_caps_and_the_hold():
+    s, _ = sched(budget=16, max_prefill_tokens_per_step=6, max_prefill_tokens_with_decodes=2,
+                 max_prefill_hold_s=5.0)
+    s.add(req("a", 3, max_tokens=8))
+    run_step(s)
+    s.add(req("old", 10))
+    s.add(req("new", 10))
+    s.requests["old"].arrival_time -= 5.0
+    # the old prompt is past its hold: only the per-step cap applies to it
+    assert scheduled(run_step(s)) == {"a": 1, "old": 6}
+    assert scheduled(run_step(s)) == {"a": 1, "old": 4, "new": 2}

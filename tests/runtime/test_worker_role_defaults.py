@@ -51,18 +51,22 @@ def _flag(argv: list[str], flag: str) -> str | None:
 
 def test_serve_holds_local_prompts_on_disaggregated_decode_workers():
     """With prefill workers, decode workers run their own prompts only between decodes
-    (--max-prefill-tokens-with-decodes 0), unless the flag was given; aggregated decode
-    workers, and prefill workers, keep the engine's default (no cap)."""
-    flag = "--max-prefill-tokens-with-decodes"
+    (--max-prefill-tokens-with-decodes 0) and in 128-token chunks, unless the flags were
+    given; aggregated decode workers, and prefill workers, keep the engine's defaults."""
+    flag, chunk = "--max-prefill-tokens-with-decodes", "--max-prefill-tokens-per-step"
     workers = dict(build_plan(parse("serve", "--prefill-workers", "1"), "embedded://x")[0])
-    assert _flag(workers["decode-0"], flag) == "0"
-    assert _flag(workers["prefill-0"], flag) is None
+    assert (_flag(workers["decode-0"], flag), _flag(workers["decode-0"], chunk)) == ("0", "128")
+    assert _flag(workers["prefill-0"], flag) is None and _flag(workers["prefill-0"], chunk) is None
     worker_args = parse("worker", *workers["decode-0"][workers["decode-0"].index("--role"):])
-    assert engine_config_from_args(worker_args).max_prefill_tokens_with_decodes == 0
+    cfg = engine_config_from_args(worker_args)
+    assert (cfg.max_prefill_tokens_with_decodes, cfg.max_prefill_tokens_per_step) == (0, 128)
     workers = dict(build_plan(parse("serve", "--decode-workers", "2"), "embedded://x")[0])
-    assert all(_flag(argv, flag) is None for argv in workers.values())
-    given = parse("serve", "--prefill-workers", "1", flag, "64", "--max-prefill-hold-s", "0.5")
+    assert all(_flag(argv, flag) is None and _flag(argv, chunk) is None for argv in workers.values())
+    given = parse("serve", "--prefill-workers", "1", flag, "64", chunk, "512",
+                  "--max-prefill-hold-s", "0.5")
     workers = dict(build_plan(given, "embedded://x")[0])
     assert _flag(workers["decode-0"], flag) == "64" and _flag(workers["prefill-0"], flag) == "64"
+    assert workers["decode-0"].count(chunk) == 1
     cfg = engine_config_from_args(parse("worker", *workers["decode-0"][workers["decode-0"].index("--role"):]))
-    assert (cfg.max_prefill_tokens_with_decodes, cfg.max_prefill_hold_s) == (64, 0.5)
+    assert (cfg.max_prefill_tokens_with_decodes, cfg.max_prefill_tokens_per_step,
+            cfg.max_prefill_hold_s) == (64, 512, 0.5)
