@@ -7,10 +7,18 @@ stall every running request's next token for its whole prefill (on this 2-core C
 1,024-token prefill is about a second). So a request goes remote when its uncached prompt
 tokens exceed `max_local_prefill_tokens` and some prefill worker's queue is under
 `max_prefill_queue`; otherwise, or when the prefill worker fails, the decode worker
-prefills locally and the request still succeeds. `max_local_prefill_tokens` 0 forces
+prefills locally and the request still succeeds (a full queue spills onto the decode
+workers only while fewer of their prefills are pending than there are decode workers;
+past that the prompt queues at the prefill pool after all). `max_local_prefill_tokens` 0 forces
 remote prefill whenever a prefill worker is healthy, however long its queue: a deployment
 that asks for it wants decode workers that never prefill (their ITL untouched), and the
 queue shows up as TTFT instead.
+
+A decode worker of `splitserve serve --prefill-workers N` runs the prompts it gets in its
+idle time: a prompt waits for a step without decodes and runs in 128-token chunks
+(`--max-prefill-tokens-with-decodes 0 --max-prefill-tokens-per-step 128`, engine/
+scheduler.py), so a full prefill queue spills onto the decode worker's spare cycles
+instead of stalling its running requests.
 """
 
 from __future__ import annotations
@@ -73,7 +81,9 @@ async def choose_prefill(pool: WorkerPool, prompt: Sequence[int], config: Disagg
     if config.max_local_prefill_tokens:  # 0 forces remote: a full queue waits its turn
         full = [w.worker_id for w in workers if prefill_queue(w) >= config.max_prefill_queue]
         if len(full) == len(workers):
-            return None
+            if pool.local_prefills < len(pool.workers("decode", healthy_only=True)):
+                return None  # spill: a decode worker prefills it in its idle time
+            full = []  # each decode worker has one already: queue at the prefill pool
     try:
         return await pool.pick_async("prefill", prompt, exclude=full, request_id=request_id)
     except NoWorkerAvailable:

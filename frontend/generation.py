@@ -71,10 +71,7 @@ async def _worker_stream(
     pool: WorkerPool, request: Any, *, retry_after_s: int = 1, disagg: Any = None,
     metrics: Any = None,
 ) -> AsyncIterator[Any]:
-    import grpc
-
-    from splitserve.runtime.grpc_util import param_from_error
-
+    local = False  # prefilled by the decode worker in disaggregated mode
     if disagg is not None and pool.workers("prefill", healthy_only=True):
         from splitserve.frontend.disagg import remote_prefill
 
@@ -87,6 +84,27 @@ async def _worker_stream(
             remote.CopyFrom(request)
             remote.kv_handle.CopyFrom(pre.kv_handle)
             request = remote
+        else:
+            local = True
+            pool.local_prefills += 1
+    try:
+        async with contextlib.aclosing(_decode_stream(pool, request, retry_after_s)) as stream:
+            async for resp in stream:
+                if local:
+                    local = False
+                    pool.local_prefills -= 1
+                yield resp
+    finally:
+        if local:
+            pool.local_prefills -= 1
+
+
+async def _decode_stream(pool: WorkerPool, request: Any, retry_after_s: int) -> AsyncIterator[Any]:
+    """The decode worker's GenerateResponses for `request` (one retry elsewhere when the
+    first worker is unavailable before its first token)."""
+    import grpc
+
+    from splitserve.runtime.grpc_util import param_from_error
 
     tried: list[str] = []
     while True:

@@ -130,6 +130,10 @@ class WorkerPool:
         self._rr = itertools.count()
         #: Seconds a removed (draining) worker's in-flight calls get before its channel closes.
         self.drain_grace_s = 60.0
+        #: Requests a decode worker is prefilling (disaggregated mode) whose first token has
+        #: not come back yet (frontend/disagg.py spills a full prefill queue only while
+        #: this is under the number of decode workers).
+        self.local_prefills = 0
         self._closing: set[asyncio.Task] = set()
         #: Called after every poll round with the pool (metrics hook).
         self.on_stats: list[Callable[[WorkerPool], None]] = []

@@ -49,10 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 #: Engine flags a disaggregated deployment's decode workers get unless given: (flag, args
-#: attribute, value). 128 prompt tokens are ~0.15 s of one CPU thread.
+#: attribute, value). 128 prompt tokens are ~0.2 s of one CPU thread next to a decode.
 DISAGG_DECODE_DEFAULTS = (
     ("--max-prefill-tokens-with-decodes", "max_prefill_tokens_with_decodes", 0),
     ("--max-prefill-tokens-per-step", "max_prefill_tokens_per_step", 128),
+    ("--max-prefill-hold-s", "max_prefill_hold_s", 30.0),
 )
 
 
