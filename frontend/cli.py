@@ -39,14 +39,16 @@ def add_frontend_args(p: argparse.ArgumentParser, *, model_flags: bool = True) -
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: no auth)")
     p.add_argument("--stats-interval", type=float, default=1.0,
                    help="seconds between worker Stats polls (default 1)")
-    from splitserve.frontend.disagg import DEFAULT_MAX_LOCAL_PREFILL_TOKENS
+    from splitserve.frontend.disagg import DEFAULT_MAX_LOCAL_PREFILL_TOKENS, DisaggConfig
 
     p.add_argument("--max-local-prefill-tokens", type=int, default=DEFAULT_MAX_LOCAL_PREFILL_TOKENS,
                    help="prompts with more uncached tokens go to a prefill worker when one is "
                         f"free; 0: always when one exists (default {DEFAULT_MAX_LOCAL_PREFILL_TOKENS})")
-    p.add_argument("--max-prefill-queue", type=int, default=4,
-                   help="a prefill worker with this many queued prompts counts as full (default 4; "
-                        "not applied with --max-local-prefill-tokens 0)")
+    p.add_argument("--max-prefill-queue", type=int, default=DisaggConfig.max_prefill_queue,
+                   help="a prefill worker with this many prompts queued or running counts as full; "
+                        "when all are, a decode worker prefills the prompt in its idle time "
+                        f"(default {DisaggConfig.max_prefill_queue}; not applied with "
+                        "--max-local-prefill-tokens 0)")
     from splitserve.frontend.routing import add_router_args
 
     # `serve` sets the router's block size from the engine's.
