@@ -80,6 +80,52 @@ static inline __attribute__((always_inline)) void accumulate_d64(
 }
 #endif
 
+#if defined(__AVX512BF16__)
+/* The 16 lane sums of v[0..15], as the 16 lanes of one vector (a transposing tree of
+ * in-lane unpacks and 128-bit shuffles: ~3 instructions a sum where a reduce per vector
+ * takes ~8, mostly shuffles). */
+static inline __m512 hsum16_ps(const __m512 *v) {
+    __m512 s[8], t[4], u[2];
+    for (int i = 0; i < 8; i++)
+        s[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        const __m512d a = _mm512_castps_pd(s[2 * i]), b = _mm512_castps_pd(s[2 * i + 1]);
+        t[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    for (int i = 0; i < 2; i++)
+        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88),
+                         _mm512_shuffle_f32x4(u[0], u[1], 0xdd));
+}
+
+/* Scores of 16 consecutive cached tokens of one kv head (rows `tok` apart; all 16 rows lie
+ * inside the block, the first m are real) for its g query heads (bf16, d each, contiguous):
+ * s[j * s_stride + t] for t < m. One dot-product accumulator a token, summed 16 at a time.
+ * Measured on this project's Zen 4 (SmolLM2's cache, blocks from DRAM, per layer), against
+ * one reduce a score: 32 requests x 1k, 1 thread 4.46 -> 3.42 ms, 2 threads 2.59 -> 1.72
+ * (~15 GB/s: the read bandwidth); 2 x 1.5k, 1 thread 0.29 -> 0.20 ms. */
+static void scores16(const uint16_t *k, int64_t tok, const uint16_t *qb, int g, int d, float *s,
+                     int64_t s_stride, int m) {
+    const __mmask16 keep = m >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << m) - 1);
+    for (int j = 0; j < g; j++) {
+        __m512 a[16];
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; t++) a[t] = _mm512_setzero_ps();
+        for (int c = 0; c < d; c += 32) {
+            const __m512bh qv = (__m512bh)_mm512_loadu_si512((const void *)(qb + j * d + c));
+#pragma GCC unroll 16
+            for (int t = 0; t < 16; t++)
+                a[t] = _mm512_dpbf16_ps(
+                    a[t], (__m512bh)_mm512_loadu_si512((const void *)(k + t * tok + c)), qv);
+        }
+        _mm512_mask_storeu_ps(s + j * s_stride, keep, hsum16_ps(a));
+    }
+}
+#endif
+
 /* acc[j][:] += sum over the n tokens of p[j][t] * V row t (one kv head's rows, `stride`
  * apart), for its g query heads. */
 static void accumulate_head(const uint16_t *v, int64_t stride, int n, const float *p,
@@ -149,6 +195,15 @@ static void decode_part(const uint16_t *q, const uint16_t *layer_k, int64_t bloc
         prefetch_ahead(layer_k, table, block_stride, b, nblocks, blk_bytes);
         int64_t t0 = b * bs;
         int n = (int)(len - t0 < bs ? len - t0 : bs);
+#if defined(__AVX512BF16__)
+        if (d % 32 == 0 && bs % 16 == 0) { /* 16 tokens at a time: see scores16 */
+            for (int tt = 0; tt < n; tt += 16)
+                for (int h = 0; h < nkv; h++)
+                    scores16(k + tt * tok + h * d, tok, qb + (int64_t)h * g * d, g, d,
+                             s + (int64_t)h * g * len + t0 + tt, len, n - tt);
+            continue;
+        }
+#endif
         for (int t = 0; t < n; t++) {
             const uint16_t *row = k + t * tok;
             for (int h = 0; h < nkv; h++) {

@@ -54,6 +54,7 @@ def reference(cache, q, meta, layer, nkv):
 @needs_kernel
 @pytest.mark.parametrize("nkv,g,d,bs", [
     (3, 3, 64, 16),  # SmolLM2-135M: the vector paths
+    (3, 3, 64, 32),  # two runs of 16 scores a block
     (2, 4, 64, 8),
     (1, 1, 64, 16),
     (2, 8, 64, 16),  # a group too wide for the register-blocked V path
@@ -76,6 +77,21 @@ def test_kernel_matches_float64_attention(nkv, g, d, bs, threads):
         ref_path = torch_be._decode(q, cache, layer, meta, nkv)
         assert ((got.double() - want).abs().mean()
                 <= (ref_path.double() - want).abs().mean() * 1.05)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bs", [16, 32, 8])
+def test_slots_past_the_sequence_are_never_used(bs):
+    """The last block's unused slots (stale or never written: here NaN) do not reach the
+    output, though the 16-token score runs read their rows."""
+    lens = [1, 5, 17, 2 * bs + 3]
+    cache, q, meta = paged_case(lens, 3, 3, 64, bs)
+    for i, n in enumerate(lens):
+        last = meta.decode_block_table[i][(n - 1) // bs]
+        cache[last, :, :, (n - 1) % bs + 1:] = float("nan")
+    got = kernel(q, cache, 1, meta.decode_block_table, meta.decode_seq_lens, 0.125, 1)
+    assert torch.isfinite(got).all()
+    assert (got.double() - reference(cache, q, meta, 1, 3)).abs().max().item() < 2e-2
 
 
 @needs_kernel
