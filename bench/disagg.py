@@ -14,8 +14,11 @@ so a slow drift of the machine's load falls on both alike. The setups:
 
 - aggregated: `serve --decode-workers 2 --prefill-workers 0` (each worker prefills its own
   requests in chunks co-scheduled with the decode steps of the requests it is running);
-- disaggregated: `serve --prefill-workers 1 --decode-workers 1 --max-local-prefill-tokens 0`
-  (every prompt goes to the prefill worker, the decode worker pulls its KV blocks).
+- disaggregated: `serve --prefill-workers 1 --decode-workers 1` (serve's conditional
+  disaggregation: these long prompts go to the prefill worker and the decode worker pulls
+  their KV blocks, except that a full prefill queue spills a prompt onto the decode worker,
+  which prefills it in its idle time; `--max-local-prefill-tokens 0` sends every prompt
+  remote).
 
 Workload: prompts of random token ids, ISL uniform in [1024, 2048], OSL uniform in
 [64, 128], `ignore_eos`; request i of rate k is the same in both setups.
