@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import ATTENTION_BACKENDS, DEFAULT_MODEL, QUANTIZATIONS
+from .config import ATTENTION_BACKENDS, DEFAULT_MODEL, QUANTIZATIONS, EngineConfig
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +33,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "prefill workers)")
     p.add_argument("--max-prefill-hold-s", type=float, default=None, metavar="S",
                    help="a prompt that arrived S seconds ago is no longer held back by "
-                        "--max-prefill-tokens-with-decodes (default 2)")
+                        f"--max-prefill-tokens-with-decodes (default {EngineConfig.max_prefill_hold_s:g})")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,

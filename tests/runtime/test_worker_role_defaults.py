@@ -49,6 +49,11 @@ def _flag(argv: list[str], flag: str) -> str | None:
     return argv[argv.index(flag) + 1] if flag in argv else None
 
 
+def _worker_config(argv: list[str]) -> EngineConfig:
+    """The engine config a `splitserve worker` child parses from its argv in the plan."""
+    return engine_config_from_args(parse("worker", *argv[argv.index("--role"):]))
+
+
 def test_serve_holds_local_prompts_on_disaggregated_decode_workers():
     """With prefill workers, decode workers run their own prompts only between decodes
     (--max-prefill-tokens-with-decodes 0) and in 128-token chunks, unless the flags were
@@ -57,8 +62,7 @@ def test_serve_holds_local_prompts_on_disaggregated_decode_workers():
     workers = dict(build_plan(parse("serve", "--prefill-workers", "1"), "embedded://x")[0])
     assert (_flag(workers["decode-0"], flag), _flag(workers["decode-0"], chunk)) == ("0", "128")
     assert _flag(workers["prefill-0"], flag) is None and _flag(workers["prefill-0"], chunk) is None
-    worker_args = parse("worker", *workers["decode-0"][workers["decode-0"].index("--role"):])
-    cfg = engine_config_from_args(worker_args)
+    cfg = _worker_config(workers["decode-0"])
     assert (cfg.max_prefill_tokens_with_decodes, cfg.max_prefill_tokens_per_step) == (0, 128)
     workers = dict(build_plan(parse("serve", "--decode-workers", "2"), "embedded://x")[0])
     assert all(_flag(argv, flag) is None and _flag(argv, chunk) is None for argv in workers.values())
@@ -67,6 +71,6 @@ def test_serve_holds_local_prompts_on_disaggregated_decode_workers():
     workers = dict(build_plan(given, "embedded://x")[0])
     assert _flag(workers["decode-0"], flag) == "64" and _flag(workers["prefill-0"], flag) == "64"
     assert workers["decode-0"].count(chunk) == 1
-    cfg = engine_config_from_args(parse("worker", *workers["decode-0"][workers["decode-0"].index("--role"):]))
+    cfg = _worker_config(workers["decode-0"])
     assert (cfg.max_prefill_tokens_with_decodes, cfg.max_prefill_tokens_per_step,
             cfg.max_prefill_hold_s) == (64, 512, 0.5)
