@@ -24,6 +24,11 @@ from .sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+#: The engine thread's longest sleep after a step that ran nothing (a prompt held back
+#: while KV pulls are in flight): a pull's end or any command wakes it sooner; the sleep
+#: bounds how late a hold expiry is noticed.
+IDLE_STEP_WAIT_S = 0.01
+
 
 class EngineDeadError(RuntimeError):
     """The engine thread is not running."""
@@ -254,6 +259,9 @@ class AsyncEngine:
             self._flush_events()
             for out in outputs:
                 self._deliver(out.request_id, out)
+            if eng.last_step_idle:  # held prompts only: wait for a pull to end, not spin
+                self._wake.wait(IDLE_STEP_WAIT_S)
+                self._wake.clear()
         for rid in list(eng.scheduler.requests):
             out = eng.abort(rid)
             if out is not None:

@@ -35,6 +35,9 @@ class Engine:
         event_sink: KvEventSink | None = None,
     ) -> None:
         self.config = config
+        #: Whether the last step() ran nothing (e.g. a prompt held back while a KV pull is
+        #: in flight): its caller may wait for an event instead of stepping again at once.
+        self.last_step_idle = False
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         if model_config is None or state_dict is None:
@@ -157,6 +160,7 @@ class Engine:
     # -- the loop --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        self.last_step_idle = not out
         if not out:
             return []
         try:

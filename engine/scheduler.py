@@ -50,7 +50,9 @@ class _PromptBudget:
     """The prompt tokens of one step: at most `max_prefill_tokens_per_step` for all prompt
     chunks (more than one new token) together, and while the step runs decode tokens at most
     `max_prefill_tokens_with_decodes` for the prompts that arrived less than
-    `max_prefill_hold_s` ago."""
+    `max_prefill_hold_s` ago. A KV pull in flight counts as a decode: its request decodes
+    as soon as the pull ends, and a prompt chunk started meanwhile would keep it waiting a
+    whole chunk."""
 
     def __init__(self, per_step: int | None, with_decodes: int | None = None,
                  cutoff: float = 0.0) -> None:
@@ -59,10 +61,11 @@ class _PromptBudget:
         self.cutoff = cutoff
 
     @classmethod
-    def for_step(cls, config: EngineConfig, running, waiting) -> "_PromptBudget":
+    def for_step(cls, config: EngineConfig, running, waiting, pulling) -> "_PromptBudget":
         cap = config.max_prefill_tokens_with_decodes
         if cap is not None and not (
-                any(r.num_tokens - r.num_computed_tokens == 1 for r in running)
+                pulling
+                or any(r.num_tokens - r.num_computed_tokens == 1 for r in running)
                 or any(r.num_computed_tokens and r.num_tokens - r.num_computed_tokens == 1
                        for r in waiting)):
             cap = None  # no decodes this step
@@ -195,7 +198,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         chunked = self.config.enable_chunked_prefill
-        prompts = _PromptBudget.for_step(self.config, self.running, self.waiting)
+        prompts = _PromptBudget.for_step(self.config, self.running, self.waiting, self.remote)
 
         i = 0
         while i < len(self.running) and budget > 0:

@@ -178,3 +178,57 @@ async def test_async_generate_remote_always_calls_pull(case):
         assert [first] + toks == ref
     finally:
         await dec.shutdown()
+
+
+async def test_local_prompt_waits_out_a_pull_without_spinning():
+    """A decode worker that prefills only in its idle time (max_prefill_tokens_with_decodes
+    0) holds a local prompt while a KV pull is in flight, and its engine thread sleeps
+    meanwhile instead of stepping in a busy loop."""
+    import asyncio
+
+    from splitserve.engine.async_engine import AsyncEngine
+
+    prompt = list(range(3, 30))
+    ref = tiny_engine(CFG).generate([prompt], GREEDY)[0]
+    pre = tiny_engine(CFG)
+    first = run_prefill(pre, "r", prompt, GREEDY)
+    blocks, _ = pre.pinned_blocks("r")
+    dec_engine = tiny_engine(CFG, max_prefill_tokens_with_decodes=0)
+    steps = []
+    real_step = dec_engine.step
+    dec_engine.step = lambda: steps.append(1) or real_step()
+    dec = AsyncEngine(dec_engine.config, engine=dec_engine)
+    await dec.start()
+    local_first = asyncio.Event()
+    tasks = []  # the local request, started inside the pull
+    during = {}  # what the pull saw
+    try:
+        async def pull(plan):
+            await asyncio.sleep(0.05)  # the pull is under way: now a local prompt arrives
+            tasks.append(asyncio.ensure_future(run_local()))
+            n0 = len(steps)
+            await asyncio.sleep(0.4)
+            # (checked after the stream: pull's exceptions mean "prefill locally")
+            during.update(held=not local_first.is_set(), steps=len(steps) - n0)
+            for i, dst in plan:
+                dec.engine.runner.kv_cache[dst] = pre.runner.kv_cache[blocks[i]]
+            return True
+
+        async def run_local():
+            out = []
+            async for o in dec.generate("local", list(range(40, 60)), GREEDY):
+                local_first.set()
+                out += o.new_token_ids
+            return out
+
+        toks = []
+        async for o in dec.generate_remote("r", prompt, GREEDY, first, pull):
+            toks += o.new_token_ids
+        assert [first] + toks == ref
+        assert during["held"]  # the local prompt waited for the pull
+        assert during["steps"] < 100  # ~40 idle wake-ups at 10 ms, not a busy loop
+        assert len(await tasks[0]) == GREEDY.max_tokens
+        st = dec.stats()
+        assert st.num_free_blocks == st.num_total_blocks
+    finally:
+        await dec.shutdown()

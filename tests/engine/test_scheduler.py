@@ -175,6 +175,33 @@ def test_held_prompt_does_not_block_a_resumed_decode_behind_it():
     assert [r.request_id for r in s.waiting] == ["held"]
 
 
+def test_kv_pull_in_flight_holds_a_new_prompt():
+    """A pull in flight counts as a decode: a local prompt chunk started meanwhile would keep
+    the pulled request waiting a whole chunk after its KV arrived."""
+    s, pool = sched(budget=16, max_prefill_tokens_with_decodes=0)
+    remote = req("r", 5)
+    remote.append_token(9)
+    s.add_remote(remote)
+    assert s.kv.allocate(remote, 5)
+    s.add(req("local", 8))
+    assert not s.schedule()  # nothing runs while the pull is in flight
+    s.remote_ready("r", True)
+    assert scheduled(run_step(s)) == {"r": 1}  # the pulled request decodes first
+    while s.has_unfinished():
+        run_step(s)
+    assert pool.num_free_blocks == pool.num_blocks
+
+
+def test_kv_pull_in_flight_does_not_hold_prompts_without_the_cap():
+    s, _ = sched(budget=16)
+    remote = req("r", 5)
+    remote.append_token(9)
+    s.add_remote(remote)
+    assert s.kv.allocate(remote, 5)
+    s.add(req("local", 8))
+    assert scheduled(run_step(s)) == {"local": 8}
+
+
 def test_prompt_hold_settings_checked():
     with pytest.raises(ValueError, match="max_prefill_tokens_with_decodes"):
         EngineConfig(model="x", max_prefill_tokens_with_decodes=-1)
