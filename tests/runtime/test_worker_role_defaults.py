@@ -56,14 +56,14 @@ def _worker_config(argv: list[str]) -> EngineConfig:
 
 def test_serve_holds_local_prompts_on_disaggregated_decode_workers():
     """With prefill workers, decode workers run their own prompts only between decodes
-    (--max-prefill-tokens-with-decodes 0) and in 128-token chunks, unless the flags were
+    (--max-prefill-tokens-with-decodes 0) and in 64-token chunks, unless the flags were
     given; aggregated decode workers, and prefill workers, keep the engine's defaults."""
     flag, chunk = "--max-prefill-tokens-with-decodes", "--max-prefill-tokens-per-step"
     workers = dict(build_plan(parse("serve", "--prefill-workers", "1"), "embedded://x")[0])
-    assert (_flag(workers["decode-0"], flag), _flag(workers["decode-0"], chunk)) == ("0", "128")
+    assert (_flag(workers["decode-0"], flag), _flag(workers["decode-0"], chunk)) == ("0", "64")
     assert _flag(workers["prefill-0"], flag) is None and _flag(workers["prefill-0"], chunk) is None
     cfg = _worker_config(workers["decode-0"])
-    assert (cfg.max_prefill_tokens_with_decodes, cfg.max_prefill_tokens_per_step) == (0, 128)
+    assert (cfg.max_prefill_tokens_with_decodes, cfg.max_prefill_tokens_per_step) == (0, 64)
     workers = dict(build_plan(parse("serve", "--decode-workers", "2"), "embedded://x")[0])
     assert all(_flag(argv, flag) is None and _flag(argv, chunk) is None for argv in workers.values())
     given = parse("serve", "--prefill-workers", "1", flag, "64", chunk, "512",
