@@ -15,10 +15,10 @@ that asks for it wants decode workers that never prefill (their ITL untouched), 
 queue shows up as TTFT instead.
 
 A decode worker of `splitserve serve --prefill-workers N` runs the prompts it gets in its
-idle time: a prompt waits for a step without decodes and runs in small chunks (the engine
-flags in runtime/serve_cli.DISAGG_DECODE_DEFAULTS, engine/scheduler.py), so a full prefill
-queue spills onto the decode worker's spare cycles instead of stalling its running
-requests.
+idle time: a prompt waits for a step without decodes or KV pulls and runs in small chunks
+(the engine flags in runtime/serve_cli.DISAGG_DECODE_DEFAULTS, engine/scheduler.py), so a
+full prefill queue spills onto the decode worker's spare cycles instead of stalling its
+running requests.
 """
 
 from __future__ import annotations

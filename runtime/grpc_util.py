@@ -28,7 +28,7 @@ KEEPALIVE_TIME_MS = 20_000
 #: Options for every channel and server of the request plane (and the servers of the event
 #: plane). The server side: gRPC's default refuses pings more often than every 5 min while
 #: it sends no data, and after 2 such "strikes" closes the connection (GOAWAY
-#: too_many_pings), which cut a router's quiet KV-event subscription after ~1 min.
+#: too_many_pings), failing a call still waiting for its first message (a queued prompt).
 GRPC_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 #: Engine flags a disaggregated deployment's decode workers get unless given: (flag, args
 #: attribute, value). 64 prompt tokens are ~0.1 s of one CPU thread: the longest a request
 #: whose KV arrives mid-chunk waits (128-token chunks prefill ~10 % faster, but in `bench
-#: disagg` left 0.10-0.23 s gaps at the p90 of requests, 64 left 0.08-0.11 s).
+#: disagg` left 0.10-0.23 s gaps at the p90 of requests, 64 left 0.04-0.14 s).
 DISAGG_DECODE_DEFAULTS = (
     ("--max-prefill-tokens-with-decodes", "max_prefill_tokens_with_decodes", 0),
     ("--max-prefill-tokens-per-step", "max_prefill_tokens_per_step", 64),
