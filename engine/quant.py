@@ -24,8 +24,9 @@ import torch
 
 from .native import load_quant_gemm
 
-#: Weights per Q4_1 block (ggml's QK4_1) and bytes per block (d, m, 16 bytes of nibbles).
-Q4_1_GROUP = 32
+#: Weights per block, in both formats (ggml's QK4_1 and QK8_0).
+GROUP = 32
+#: Q4_1 bytes per block: d, m, 16 bytes of nibbles.
 Q4_1_BLOCK_BYTES = 20
 
 
@@ -45,9 +46,9 @@ class _RowBlocks:
                 fmt: str) -> tuple[np.ndarray, np.ndarray]:
         """ggml's bytes as [rows, cols / 32, block_bytes] uint8 blocks, and their leading
         fp16 scales d as float32 [rows, cols / 32]."""
-        if cols % Q4_1_GROUP:
-            raise ValueError(f"{fmt} rows must be a multiple of {Q4_1_GROUP} long, got {cols}")
-        blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, cols // Q4_1_GROUP,
+        if cols % GROUP:
+            raise ValueError(f"{fmt} rows must be a multiple of {GROUP} long, got {cols}")
+        blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, cols // GROUP,
                                                                    block_bytes)
         return blocks, blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
 
@@ -84,7 +85,7 @@ class Q4_1Weight(_RowBlocks):
     def dequantize(self) -> torch.Tensor:
         """float32 [rows, cols], computed as ggml does (d * q + m)."""
         rows, cols = self.shape
-        q = self.q.view(rows, cols // Q4_1_GROUP, Q4_1_GROUP).float()
+        q = self.q.view(rows, cols // GROUP, GROUP).float()
         return (self.d[..., None] * q + self.m[..., None]).reshape(rows, cols)
 
 
@@ -107,7 +108,7 @@ class Q8_0Weight(_RowBlocks):
     def dequantize(self) -> torch.Tensor:
         """float32 [rows, cols], as ggml computes it (d * q)."""
         rows, cols = self.shape
-        q = self.q.view(rows, cols // Q4_1_GROUP, Q4_1_GROUP).float()
+        q = self.q.view(rows, cols // GROUP, GROUP).float()
         return (self.d[..., None] * q).reshape(rows, cols)
 
 
@@ -177,6 +178,6 @@ class QuantLinear:
             if x.stride(-1) != 1:
                 x = x.contiguous()
             return self.native(x, self.packed, self.bias, torch.get_num_threads())
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, Q4_1_GROUP,
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP,
                                                       self.scales_zeros)
         return y if self.bias is None else y + self.bias

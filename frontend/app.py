@@ -15,11 +15,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from splitserve.frontend.config import FrontendConfig
 from splitserve.frontend.errors import OpenAIError, error_body, invalid
-from splitserve.frontend.metrics import CONTENT_TYPE_LATEST, FrontendMetrics
+from splitserve.frontend.metrics import FrontendMetrics
 from splitserve.frontend.protocol import (
     ChatCompletionRequest,
     CompletionRequest,

@@ -34,11 +34,11 @@ from splitserve.frontend.worker_pool import WorkerClient, WorkerPool
 logger = logging.getLogger(__name__)
 
 #: Default of `--max-local-prefill-tokens`. From the shipped profile of this CPU
-#: (planner/profiles/smollm2-135m-cpu.json, 1 thread): a 512-token prefill takes ~0.9 s,
-#: i.e. it stalls every co-scheduled decode for ~30 decode steps, while the remote path costs
-#: one extra RPC plus a KV pull of ~10 ms (bench kv-transfer); 128 tokens (~0.19 s, a few
-#: decode steps) is cheap enough to prefill in place. On GPUs, where prefill is ~100x
-#: faster, a larger value is right.
+#: (planner/profiles/smollm2-135m-cpu.json, 1 thread): a 512-token prefill takes ~0.6 s,
+#: i.e. it stalls every co-scheduled decode for ~60 decode steps of ~10 ms, while the remote
+#: path costs one extra RPC plus a KV pull of ~10 ms (bench kv-transfer); 128 tokens
+#: (~0.15 s) is cheap enough to prefill in place. On GPUs, where prefill is ~100x faster, a
+#: larger value is right.
 DEFAULT_MAX_LOCAL_PREFILL_TOKENS = 512
 
 

@@ -1,7 +1,6 @@
 """Engine-level prefill/decode handoff: pinned prefill blocks, remote-KV requests, fallback."""
 
 import pytest
-import torch
 
 from splitserve.engine.sampling_params import SamplingParams
 

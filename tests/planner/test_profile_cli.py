@@ -39,3 +39,27 @@ def test_colocation_neighbour_runs_until_stopped():
     with _Neighbour("decode", args) as n:
         assert n.proc.poll() is None
     assert n.proc.returncode == 0
+
+
+def test_best_over_passes_keeps_each_cells_lowest_figure():
+    """A slow spell in one sweep moves no cell: each keeps its lower figure; a cell measured
+    as None (beyond capacity) stays out."""
+    from splitserve.planner.profile_cli import best_over_passes
+
+    sweeps = iter([{"a": 10.0, "b": 30.0, "c": None},   # a slow spell over b
+                   {"a": 25.0, "b": 12.0, "c": None}])  # then over a
+    current = {}
+
+    def measure(cell):
+        if cell == "a":
+            current.update(next(sweeps))
+        return current[cell]
+
+    best = best_over_passes(2, ["a", "b", "c"], measure, lambda xs, **_: xs, "decode")
+    assert best == {"a": 10.0, "b": 12.0}
+    assert best_over_passes(1, ["a"], lambda c: 5.0, lambda xs, **_: xs, "x") == {"a": 5.0}
+
+
+def test_profile_refuses_zero_passes(capsys):
+    with pytest.raises(SystemExit, match="--passes"):
+        main(["profile", "--json", "/dev/null", "--passes", "0"])

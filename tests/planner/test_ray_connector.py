@@ -16,7 +16,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest

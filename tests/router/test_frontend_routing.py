@@ -5,7 +5,6 @@ workers are a 503 with Retry-After, the figures reach Prometheus, the flags reac
 config (and `splitserve serve` passes them on)."""
 
 import argparse
-import asyncio
 
 import grpc
 import pytest
