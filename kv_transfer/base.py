@@ -178,7 +178,13 @@ class KvTransport(Protocol):
     def notifications(self, expecting: Callable[[], bool] | None = None) -> AsyncIterator[Notification]:
         """Notices from pullers, forever until close(); keep one consumer running.
         expecting(): True while this side holds blocks pinned for pullers; a transport whose
-        pulls need this side's progress (NIXL) then polls more often."""
+        pulls need this side's progress (NIXL) then polls more often, and less often than
+        without `expecting` while it is False."""
+        ...
+
+    def wake(self) -> None:
+        """Blocks were just pinned for a puller (call before handing out their handle, on
+        the notifications() consumer's loop): a polling transport looks at once."""
         ...
 
     async def close(self) -> None:

@@ -22,8 +22,15 @@ class KvTransferConfig:
     poll_max_s: float = 0.005
     #: Wait between two looks for notifications right after one arrived, seconds (serve side).
     notify_poll_min_s: float = 0.001
-    #: Longest wait between two looks for notifications when idle, seconds (serve side).
+    #: Longest wait between two looks for notifications when idle, seconds (serve side), for
+    #: a consumer that does not say when it expects pulls (notifications() without
+    #: `expecting`).
     notify_poll_max_s: float = 0.01
+    #: The same while `expecting()` says no blocks are pinned, seconds: nothing is pulled
+    #: then, and wake() (called as blocks get pinned) ends the wait at once. Each look is a
+    #: wake-up of the event loop and of the transport thread, which on this VM cost a prefill
+    #: worker ~5 % of its core at 100 looks a second, taken from its prefills.
+    notify_poll_idle_s: float = 0.25
     #: Wait between two looks for notifications while pulls are expected (blocks pinned),
     #: seconds. Under UCX's peer error handling a READ posted after an earlier notice waits
     #: for the target's next progress call, so the serve side polls this often then.
@@ -45,7 +52,7 @@ class KvTransferConfig:
 
     def __post_init__(self) -> None:
         for field_name in ("timeout_s", "poll_min_s", "poll_max_s", "notify_poll_min_s", "notify_poll_max_s",
-                           "notify_poll_busy_s", "notify_busy_window_s"):
+                           "notify_poll_busy_s", "notify_busy_window_s", "notify_poll_idle_s"):
             value = getattr(self, field_name)
             if not value > 0:
                 raise ValueError(f"KvTransferConfig.{field_name} must be > 0, got {value!r}")

@@ -228,6 +228,9 @@ class GrpcTransport:
 
         return self._pool.index_select(0, torch.from_numpy(ids.astype(np.int64)).to(self._pool.device)).cpu().numpy().tobytes()
 
+    def wake(self) -> None:
+        """Nothing to do: notices arrive with a pull's last request, nothing is polled."""
+
     async def notifications(self, expecting: Callable[[], bool] | None = None) -> AsyncIterator[Notification]:
         # notices arrive with the pull's last request; nothing to poll
         while not self._closed:

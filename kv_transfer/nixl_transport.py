@@ -15,7 +15,8 @@ Lifecycle of one worker's transport:
      under UCX's peer error handling, every READ posted after an earlier notice (measured on
      loopback: such a READ from a target that does not poll stalls until it does). So the
      serve side polls every notify_poll_busy_s while it holds blocks pinned for pullers, and
-     backs off to notify_poll_max_s when it holds none.
+     backs off to notify_poll_idle_s when it holds none (wake(), called as blocks get
+     pinned, ends that wait: no pull can start before the handle naming the blocks is out).
   5. close(): release descriptor lists, forget peers, deregister the pool, drop the agent.
 
 Threading: every agent call runs on one thread per transport (the agent is created without
@@ -32,6 +33,7 @@ takes as long as the prefill worker's poll interval), a separate one does not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -112,6 +114,7 @@ class NixlTransport:
         self._peers: dict[str, _Peer] = {}
         self._unreleased: list[Any] = []  # xfer handles NIXL refused to release (still in flight)
         self._closed = False
+        self._wake: asyncio.Event | None = None  # set by wake(): ends notifications()' idle wait
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"nixl-{name}")
         try:
             self._metadata: bytes = self._thread.submit(self._open_sync).result()
@@ -328,6 +331,8 @@ class NixlTransport:
     # -- serve side ----------------------------------------------------------------------------
     async def notifications(self, expecting: Callable[[], bool] | None = None) -> AsyncIterator[Notification]:
         delay = self.config.notify_poll_min_s
+        idle_cap = self.config.notify_poll_max_s if expecting is None else self.config.notify_poll_idle_s
+        self._wake = wake = asyncio.Event()
         while not self._closed:
             busy = expecting is not None and expecting()
             try:
@@ -346,8 +351,19 @@ class NixlTransport:
                     for msg in msgs:
                         yield Notification(peer_name, bytes(msg))
             elif not busy:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.config.notify_poll_max_s)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wake.wait(), delay)
+                if wake.is_set():
+                    wake.clear()
+                    delay = self.config.notify_poll_min_s
+                else:
+                    delay = min(delay * 2, idle_cap)
+
+    def wake(self) -> None:
+        """Blocks were just pinned for a puller: notifications() looks (and progresses UCX)
+        now rather than at the end of its idle wait. Call on the consumer's event loop."""
+        if self._wake is not None:
+            self._wake.set()
 
     def _poll_window_sync(self) -> dict:
         """Look for notices every notify_poll_busy_s for up to notify_busy_window_s; return at

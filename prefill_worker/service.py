@@ -133,6 +133,7 @@ class PrefillWorkerServicer(WorkerServicer):
         )
         if first.logprobs:
             token_logprob_to_proto(first.logprobs[0], handle.first_logprob)
+        self.transport.wake()  # the notification loop may be in its idle wait
         return worker_pb2.PrefillResponse(first=msg, kv_handle=handle)
 
     async def TransportInfo(self, request, context):  # noqa: N802

@@ -101,3 +101,85 @@ async def test_incompatible_peer_and_self_pull_refused(kind):
     await a.close()  # idempotent
     with pytest.raises(KvTransferError, match="closed"):
         await a.pull("x", [0], [0])
+
+
+class _CountingAgent:
+    """A NIXL agent whose get_new_notifs calls (the serve side's looks) are counted."""
+
+    def __init__(self, agent):
+        self._agent = agent
+        self.looks = 0
+
+    def get_new_notifs(self):
+        self.looks += 1
+        return self._agent.get_new_notifs()
+
+    def __getattr__(self, name):
+        return getattr(self._agent, name)
+
+
+async def _idle_consumer(config, expecting):
+    import asyncio
+
+    pytest.importorskip("nixl")
+    t = await create_transport("nixl", f"idle-{id(config)}", make_pool(torch.float32, 4), config)
+    agent = t._agent = _CountingAgent(t._agent)
+
+    async def consume():
+        async for _ in t.notifications(expecting=expecting):
+            pass
+
+    return t, agent, asyncio.create_task(consume())
+
+
+async def _stop(t, task):
+    import asyncio
+    import contextlib
+
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    t._agent = t._agent._agent
+    await t.close()
+
+
+async def test_idle_serve_side_looks_rarely_while_nothing_is_pinned():
+    """With nothing pinned (`expecting` False) the notification loop backs off to
+    notify_poll_idle_s, not to the 10 ms it keeps for consumers that cannot say: each look
+    wakes two threads, ~5 % of a prefill worker's core at 100 a second."""
+    import asyncio
+
+    t, agent, task = await _idle_consumer(KvTransferConfig(notify_poll_idle_s=0.25), lambda: False)
+    try:
+        await asyncio.sleep(1.5)
+        # 1, 2, 4, ... 128 ms then 250 ms waits: ~12 looks; the 10 ms cap would make ~100
+        assert 3 <= agent.looks <= 25, agent.looks
+    finally:
+        await _stop(t, task)
+
+
+async def test_wake_ends_the_idle_wait_at_once():
+    """wake() (blocks just pinned) makes the loop look now, not when its idle wait ends."""
+    import asyncio
+
+    # every idle wait 30 s: without wake() no second look comes within the test
+    config = KvTransferConfig(notify_poll_min_s=30.0, notify_poll_max_s=30.0, notify_poll_idle_s=30.0)
+    pinned = {"now": False}
+    t, agent, task = await _idle_consumer(config, lambda: pinned["now"])
+    try:
+        for _ in range(100):
+            if agent.looks:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        assert agent.looks == 1, agent.looks  # the first look, then the 30 s wait
+        pinned["now"] = True
+        t.wake()
+        for _ in range(100):
+            if agent.looks > 1:
+                break
+            await asyncio.sleep(0.05)
+        assert agent.looks > 1, "wake() did not end the idle wait"
+    finally:
+        pinned["now"] = False
+        await _stop(t, task)
