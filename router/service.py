@@ -48,7 +48,7 @@ from splitserve.router.events import (
     encode_hello,
     encode_stats,
 )
-from splitserve.runtime.grpc_util import KEEPALIVE_TIME_MS
+from splitserve.runtime.grpc_util import KEEPALIVE_OPTIONS
 
 if TYPE_CHECKING:
     import grpc
@@ -65,11 +65,7 @@ SNAPSHOT_METHOD = f"/{SERVICE_NAME}/Snapshot"
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.max_pings_without_data", 0),  # a subscription may stay quiet for long
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.enable_http_proxy", 0),
+    *KEEPALIVE_OPTIONS,
 )
 
 

@@ -25,6 +25,16 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: channels too); servers accept pings that often on a quiet connection.
 KEEPALIVE_TIME_MS = 20_000
 
+#: The keepalive of every client of ours (request and event planes), and no proxy even when
+#: the environment names one (a loopback or cluster-local plane).
+KEEPALIVE_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),  # a call or subscription may stay quiet long
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.enable_http_proxy", 0),
+)
+
 #: Options for every channel and server of the request plane (and the servers of the event
 #: plane). The server side: gRPC's default refuses pings more often than every 5 min while
 #: it sends no data, and after 2 such "strikes" closes the connection (GOAWAY
@@ -32,14 +42,9 @@ KEEPALIVE_TIME_MS = 20_000
 GRPC_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
+    *KEEPALIVE_OPTIONS,
     ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
     ("grpc.http2.max_ping_strikes", 0),
-    # Loopback-local plane: no proxy even when the environment names one.
-    ("grpc.enable_http_proxy", 0),
 )
 
 
