@@ -44,13 +44,10 @@ def _engine(args: argparse.Namespace, max_seqs: int = 8):
 
 def time_prefill(engine, rng: random.Random, repeats: int = REPEATS, isl: int = ISL) -> float:
     """Median TTFT (ms) of `isl`-token prompts, no prefix reuse."""
-    from splitserve.planner.profile_cli import measure_prefill
+    from splitserve.planner.profile_cli import prefill_ms, warm_up
 
-    samples = []
-    for _ in range(repeats):
-        (ms,), _ = measure_prefill(engine, [isl], rng, lambda xs, **_: xs)
-        samples.append(ms)
-    return statistics.median(samples)
+    warm_up(engine, rng)
+    return statistics.median(prefill_ms(engine, isl, rng) for _ in range(repeats))
 
 
 def time_decode(engine, rng: random.Random, repeats: int = REPEATS) -> float:

@@ -44,27 +44,32 @@ def _random_prompt(rng, n: int, vocab: int) -> list[int]:
     return [rng.randrange(300, vocab) for _ in range(n)]
 
 
-def measure_prefill(engine, isls: list[int], rng, progress) -> tuple[list[float], list[float]]:
-    import time
-
+def _prefill_params():
+    """Sampling of a prompt-only request: one greedy token."""
     from splitserve.engine.sampling_params import SamplingParams
 
-    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-    vocab = engine.model_config.vocab_size
-    engine.generate([_random_prompt(rng, 64, vocab)], params)  # warm-up
-    ttft, tok_s = [], []
-    for isl in progress(isls, desc="prefill", unit="len"):
-        engine.pool.reset_prefix_cache()
-        best = float("inf")
-        for _ in range(2):
-            prompt = _random_prompt(rng, isl, vocab)
-            t0 = time.perf_counter()
-            engine.generate([prompt], params)
-            best = min(best, time.perf_counter() - t0)
-        ttft.append(best * 1e3)
-        tok_s.append(isl / best)
+    return SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+
+
+def warm_up(engine, rng) -> None:
+    """One short prompt through the engine (kernels loaded, first-call costs paid)."""
+    engine.generate([_random_prompt(rng, 64, engine.model_config.vocab_size)], _prefill_params())
     engine.pool.reset_prefix_cache()
-    return ttft, tok_s
+
+
+def prefill_ms(engine, isl: int, rng) -> float:
+    """TTFT (ms) of an `isl`-token prompt, no prefix reuse: the best of 2 fresh prompts."""
+    import time
+
+    params = _prefill_params()
+    best = float("inf")
+    for _ in range(2):
+        prompt = _random_prompt(rng, isl, engine.model_config.vocab_size)
+        t0 = time.perf_counter()
+        engine.generate([prompt], params)
+        best = min(best, time.perf_counter() - t0)
+        engine.pool.reset_prefix_cache()
+    return best * 1e3
 
 
 def best_over_passes(passes: int, cells: list, measure, progress, desc: str) -> dict:
@@ -140,9 +145,9 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(config)
     rng = random.Random(0)
     capacity = engine.pool.num_blocks * config.block_size
-    prefill = best_over_passes(
-        args.passes, isls, lambda isl: measure_prefill(engine, [isl], rng, lambda xs, **_: xs)[0][0],
-        tqdm, "prefill")
+    warm_up(engine, rng)
+    prefill = best_over_passes(args.passes, isls, lambda isl: prefill_ms(engine, isl, rng),
+                               tqdm, "prefill")
     ttft = [prefill[isl] for isl in isls]
     ptok = [isl / (ms / 1e3) for isl, ms in zip(isls, ttft)]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sys
 
@@ -119,8 +121,6 @@ class _CountingAgent:
 
 
 async def _idle_consumer(config, expecting):
-    import asyncio
-
     pytest.importorskip("nixl")
     t = await create_transport("nixl", f"idle-{id(config)}", make_pool(torch.float32, 4), config)
     agent = t._agent = _CountingAgent(t._agent)
@@ -133,9 +133,6 @@ async def _idle_consumer(config, expecting):
 
 
 async def _stop(t, task):
-    import asyncio
-    import contextlib
-
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
@@ -147,8 +144,6 @@ async def test_idle_serve_side_looks_rarely_while_nothing_is_pinned():
     """With nothing pinned (`expecting` False) the notification loop backs off to
     notify_poll_idle_s, not to the 10 ms it keeps for consumers that cannot say: each look
     wakes two threads, ~5 % of a prefill worker's core at 100 a second."""
-    import asyncio
-
     t, agent, task = await _idle_consumer(KvTransferConfig(notify_poll_idle_s=0.25), lambda: False)
     try:
         await asyncio.sleep(1.5)
@@ -160,8 +155,6 @@ async def test_idle_serve_side_looks_rarely_while_nothing_is_pinned():
 
 async def test_wake_ends_the_idle_wait_at_once():
     """wake() (blocks just pinned) makes the loop look now, not when its idle wait ends."""
-    import asyncio
-
     # every idle wait 30 s: without wake() no second look comes within the test
     config = KvTransferConfig(notify_poll_min_s=30.0, notify_poll_max_s=30.0, notify_poll_idle_s=30.0)
     pinned = {"now": False}
