@@ -10,6 +10,7 @@ import torch
 
 from .attention import build_metadata, get_backend
 from .config import EngineConfig, ModelConfig
+from .hugepages import zeros_huge
 from .models import LlamaForCausalLM
 from .outputs import TokenLogprob
 from .sampler import Sampler
@@ -80,11 +81,12 @@ class ModelRunner:
         self.model.load_weights(state_dict)
         self.attn = get_backend(config.attention_backend, self.device)
         self.num_blocks = self._num_blocks()
-        self.kv_cache = torch.zeros(
-            (self.num_blocks, model_cfg.num_layers, 2, self.block_size,
-             model_cfg.num_kv_heads, model_cfg.head_dim),
-            dtype=self.dtype, device=self.device,
-        )
+        shape = (self.num_blocks, model_cfg.num_layers, 2, self.block_size,
+                 model_cfg.num_kv_heads, model_cfg.head_dim)
+        if self.device.type == "cpu":  # read at random every step: see engine/hugepages.py
+            self.kv_cache = zeros_huge(shape, self.dtype)
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.sampler = Sampler()
         logger.info(
             "model runner: %s on %s, %d KV blocks of %d tokens (%.1f MiB), attention=%s, "
