@@ -141,8 +141,8 @@ static inline __m512 hsum16_ps(const __m512 *v) {
  * s[j * s_stride + t] for t < m. One dot-product accumulator a token, summed 16 at a time.
  * Measured on this project's Zen 4 (SmolLM2's cache, blocks from DRAM, per layer), against
  * one reduce a score: 32 requests x 1k, 1 thread 4.46 -> 3.42 ms, 2 threads 2.59 -> 1.72
- * (~15 GB/s, about what reading the blocks' 12 KB runs in table order gets: streaming
- * reads reach ~30 GB/s here); 2 x 1.5k, 1 thread 0.29 -> 0.20 ms. */
+ * (~15 GB/s, with the earlier whole-block prefetch: see PREFETCH_BLOCKS); 2 x 1.5k, 1
+ * thread 0.29 -> 0.20 ms. Also takes `share` lines of the prefetch cursor a query head. */
 static void scores16(const uint16_t *k, int64_t tok, const uint16_t *qb, int g, int d, float *s,
                      int64_t s_stride, int m, pf_cursor *pc, int share) {
     const __mmask16 keep = m >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << m) - 1);

@@ -48,11 +48,9 @@ def test_advises_only_whole_huge_pages_of_the_buffer():
         pytest.skip("madvise is Linux only")
     big = torch.empty(16 * HUGE_PAGE, dtype=torch.uint8)
     advised = advise_huge_pages(big)
-    start = big.data_ptr()
     # the aligned interior: at most one huge page lost at each end
     assert 14 * HUGE_PAGE <= advised <= 16 * HUGE_PAGE
     assert advised % HUGE_PAGE == 0
-    assert start <= -(-start // HUGE_PAGE) * HUGE_PAGE
 
 
 @pytest.mark.skipif(thp_mode() not in ("always", "madvise"),
