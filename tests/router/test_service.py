@@ -30,12 +30,13 @@ async def wait_for(cond, timeout=5.0):
 class FakeWorker:
     """A worker's prefix cache publishing through a KvEventServer on a loopback port."""
 
-    def __init__(self, wid="w0", bs=BS, stats_interval_s=0.02, num_waiting=1, **kw):
+    def __init__(self, wid="w0", bs=BS, stats_interval_s=0.02, num_waiting=1, free_blocks=70,
+                 **kw):
         self.cache: set[int] = set()
         self.bs = bs
         self.events = KvEventServer(
             wid, bs, snapshot_source=lambda: list(self.cache),
-            stats_source=lambda: EngineStats(num_waiting, 2, 70, 100, bs), total_blocks=100,
+            stats_source=lambda: EngineStats(num_waiting, 2, free_blocks, 100, bs), total_blocks=100,
             flush_interval_s=0.002, stats_interval_s=stats_interval_s, **kw)
         self.server = grpc.aio.server()
         self.events.attach(self.server)

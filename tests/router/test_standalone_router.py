@@ -20,10 +20,11 @@ from tests.router.test_frontend_routing import add
 from tests.router.test_service import BS, FakeWorker, prompt, wait_for
 
 
-async def stack(n_frontends=2, static=True, **router_kw):
-    """Two event-publishing fake workers, a RouterService following them (static workers,
-    or none: the frontends push theirs), and `n_frontends` pools routing through it."""
-    ws = [FakeWorker("w0"), FakeWorker("w1")]
+async def stack(n_frontends=2, static=True, worker_kw=None, **router_kw):
+    """Two event-publishing fake workers (FakeWorker's `worker_kw`), a RouterService
+    following them (static workers, or none: the frontends push theirs), and `n_frontends`
+    pools routing through it."""
+    ws = [FakeWorker("w0", **(worker_kw or {})), FakeWorker("w1", **(worker_kw or {}))]
     addrs = [await w.start() for w in ws]
     service = RouterService(RouterConfig(block_size=BS, **router_kw),
                             [("decode", a) for a in addrs] if static else (),
@@ -152,7 +153,11 @@ async def test_unreachable_router_is_503_router_unavailable():
 
 
 async def test_frontend_pushes_its_workers_to_a_router_that_has_none():
-    ws, service, port, fes = await stack(n_frontends=2, static=False)
+    # Idle fake workers: until a worker's first Stats arrive the router counts its load as
+    # 0, so workers reporting 30 used blocks made the prefix choice depend on whose Stats
+    # had arrived by the pick (decode-1 chosen in ~1 of 20 runs).
+    ws, service, port, fes = await stack(n_frontends=2, static=False,
+                                         worker_kw={"num_waiting": 0, "free_blocks": 100})
     try:
         # Both frontends pushed both workers; the router kept one entry per address.
         assert sorted(w.worker_id for w in service.pool.workers()) == ["decode-0", "decode-1"]
