@@ -90,7 +90,7 @@ class DisaggBenchConfig:
     #: Model both setups serve (serve's --model).
     model: str = "smollm2-135m"
     #: Weights and KV dtype of every worker.
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     #: KV transport of the disaggregated setup (auto: NIXL when it starts, else gRPC).
     kv_transport: str = "auto"
     #: Inclusive ranges the input and output lengths are drawn from, uniformly.

@@ -21,7 +21,9 @@ def register(subparsers) -> None:
     p.add_argument("--json", dest="json_path", default=None, help="write the result here")
     p.add_argument("--quick", action="store_true", help="small run (under a minute)")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="both engines' dtype; auto: bfloat16 where the CPU has bf16 units "
+                        "(AVX512-BF16, AMX), else float32")
     p.add_argument("--num-requests", type=int, default=None)
     p.add_argument("--min-prompt", type=int, default=None)
     p.add_argument("--max-prompt", type=int, default=None)
@@ -142,13 +144,15 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_model_config(src)
     prompts = make_prompts(n, lo, hi, cfg.vocab_size, args.seed)
     settings = {
-        "model": src.name, "dtype": args.dtype, "num_requests": n, "prompt_len": [lo, hi],
+        "model": src.name, "num_requests": n, "prompt_len": [lo, hi],
         "output_len": out_len, "hf_batch_size": args.hf_batch_size, "threads": threads,
         "quick": args.quick, "single_stream_runs": args.single_stream_runs,
     }
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, num_threads=threads,
                                  max_num_seqs=max(64, n), max_num_batched_tokens=2048,
                                  quantization=args.quantization))
+    dtype = engine.runner.dtype
+    settings["dtype"] = str(dtype).replace("torch.", "")
     settings["weights"] = engine.runner.model.weight_format
     settings["block_size"] = engine.config.block_size
     settings["kv_blocks"] = engine.pool.num_blocks
@@ -157,8 +161,7 @@ def run(args: argparse.Namespace) -> int:
     result = {**eng}
     if not args.skip_hf:
         del engine
-        hf = run_hf(src, prompts, out_len, args.hf_batch_size,
-                    {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype], tqdm)
+        hf = run_hf(src, prompts, out_len, args.hf_batch_size, dtype, tqdm)
         result.update(hf)
         result["ratio"] = result["splitserve_output_tok_s"] / hf["hf_output_tok_s"]
     result["settings"] = settings

@@ -226,7 +226,7 @@ def run_live(cfg: LiveConfig, progress: bool = False) -> dict[str, Any]:
         for mode in cfg.modes:
             logger.info("bench router live: mode %s", mode)
             flags = ["--model", cfg.model, "--port", "0", "--decode-workers", "2",
-                     "--num-threads-per-worker", "1", "--dtype", "bfloat16",
+                     "--num-threads-per-worker", "1", "--dtype", "auto",
                      "--kv-cache-memory", cfg.kv_cache_memory, "--max-model-len", str(cfg.max_model_len),
                      "--stats-interval", "0.2", "--router-mode", mode, *cfg.extra_serve_flags]
             t = time.monotonic()

@@ -70,7 +70,7 @@ class SimValidateConfig:
     #: Model the server runs (serve's --model); the profile must describe it.
     model: str = "smollm2-135m"
     #: Weights and KV dtype of both workers.
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     #: KV transport (auto: NIXL when it starts, else gRPC).
     kv_transport: str = "auto"
     #: Inclusive ranges the input and output lengths are drawn from, uniformly.

@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--colocation", action="store_true",
                    help="also measure the slowdown of a prefill and a decode replica sharing this host")
     add_engine_args(p)
-    p.set_defaults(func=run, num_threads=1, dtype="bfloat16")
+    p.set_defaults(func=run, num_threads=1, dtype="auto")
 
 
 def _random_prompt(rng, n: int, vocab: int) -> list[int]:

@@ -46,7 +46,7 @@ class Linear:
         if gemm is not None:
             self.gemm, self.packed = gemm, gemm.pack(weight)
             self.bias = None if bias is None else bias.contiguous()
-        elif _mkldnn_linear_ok():
+        elif _mkldnn_bf16_linear_ok():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
         else:
             return
@@ -63,10 +63,16 @@ class Linear:
         return F.linear(x, self.weight, self.bias)
 
 
-def _mkldnn_linear_ok() -> bool:
-    return (torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+def _mkldnn_bf16_linear_ok() -> bool:
+    """oneDNN's packed bfloat16 linear runs here: torch has the ops and the CPU the
+    instructions it needs (AVX512BW/VL/DQ or AVX-NE-CONVERT; an AVX2-only CPU such as AMD
+    Zen 3 has neither, and _reorder_linear_weight raises there)."""
+    mkldnn = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available()
+            and all(hasattr(mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise",
+                                                   "_is_mkldnn_bf16_supported"))):
+        return False
+    return bool(mkldnn._is_mkldnn_bf16_supported())
 
 
 class _Layer:

@@ -17,7 +17,8 @@ from splitserve.engine.sampling_params import SamplingParams
 from .factories import tiny_engine, tiny_model_config
 
 kernel = native.load_paged_decode()
-needs_kernel = pytest.mark.skipif(kernel is None, reason="no C compiler: the kernel is not built")
+needs_kernel = pytest.mark.skipif(kernel is None, reason="no C compiler or no AVX512-BF16: "
+                                  "the kernel is not used")
 
 
 def paged_case(lens, nkv, g, d, bs, layers=3, seed=0):

@@ -15,7 +15,8 @@ from splitserve.engine.sampling_params import SamplingParams
 from .factories import tiny_engine, tiny_model_config
 
 ops = native.load_layer_ops()
-pytestmark = pytest.mark.skipif(ops is None, reason="no C compiler: the kernel is not built")
+pytestmark = pytest.mark.skipif(ops is None, reason="no C compiler or no AVX512-BF16: "
+                                "the kernel is not used")
 
 
 def bf16(*shape, seed, scale=1.0):

@@ -39,7 +39,7 @@ import pytest
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 
 MODEL = "smollm2-135m"
-ENGINE = ["--dtype", "bfloat16", "--kv-cache-memory", "64MiB", "--max-model-len", "1024"]
+ENGINE = ["--dtype", "auto", "--kv-cache-memory", "64MiB", "--max-model-len", "1024"]
 OSL = 64
 INTERVAL_S = 2.5
 PROMPT = (

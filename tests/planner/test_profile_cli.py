@@ -35,7 +35,7 @@ def test_colocation_neighbour_runs_until_stopped():
 
     p = argparse.ArgumentParser()
     add_engine_args(p)
-    args = p.parse_args(["--dtype", "bfloat16"])
+    args = p.parse_args(["--dtype", "auto"])
     with _Neighbour("decode", args) as n:
         assert n.proc.poll() is None
     assert n.proc.returncode == 0

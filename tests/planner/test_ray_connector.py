@@ -180,7 +180,7 @@ def test_config():
 
 
 def test_scale_up_places_actors_and_drains_them(make, url):
-    c, ray = make(threads_per_worker=2, worker_args=("--dtype", "bfloat16"))
+    c, ray = make(threads_per_worker=2, worker_args=("--dtype", "auto"))
     assert isinstance(c, Connector) and c.current() == (0, 0)
     c.apply(decision(3, 2))
     assert c.current() == (0, 2)
@@ -273,7 +273,7 @@ def test_ray_connector_live(tmp_path):
         c = RayConnector(RayConnectorConfig(
             discovery_url=url, roles=("decode",), log_level="WARNING", ready_timeout_s=120, stop_timeout_s=30,
             host="127.0.0.1",  # one node: the worker stays on loopback (Ray maps its node IP off it)
-            worker_args=("--dtype", "bfloat16", "--kv-cache-memory", "64MiB", "--max-model-len", "512"),
+            worker_args=("--dtype", "auto", "--kv-cache-memory", "64MiB", "--max-model-len", "512"),
         ))
         c.apply(decision(0, 1))
         assert c.current() == (0, 1)

@@ -21,7 +21,7 @@ from tests.helpers.serve import start_serve, stop_serve
 
 pytestmark = pytest.mark.live
 
-FLAGS = ["--port", "0", "--decode-workers", "2", "--dtype", "bfloat16",
+FLAGS = ["--port", "0", "--decode-workers", "2", "--dtype", "auto",
          "--num-threads-per-worker", "1", "--kv-cache-memory", "64MiB", "--max-model-len", "1024",
          "--stats-interval", "0.2"]
 PREFIX_LEN = 256

@@ -28,7 +28,7 @@ from tests.router.test_routing_live import PREFIX_LEN, prompts, routed
 
 pytestmark = pytest.mark.live
 
-ENGINE = ["--dtype", "bfloat16", "--num-threads", "1", "--kv-cache-memory", "64MiB",
+ENGINE = ["--dtype", "auto", "--num-threads", "1", "--kv-cache-memory", "64MiB",
           "--max-model-len", "1024"]
 #: (prefix, frontend) of each request, in order: every prefix comes through both frontends.
 SEQUENCE = [("A", 0), ("A", 1), ("B", 1), ("B", 0), ("A", 1), ("B", 0)]

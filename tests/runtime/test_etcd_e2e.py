@@ -17,7 +17,7 @@ from tests.helpers.serve import health, skip_without_model
 
 pytestmark = pytest.mark.live
 
-ENGINE = ["--dtype", "bfloat16", "--num-threads", "1", "--kv-cache-memory", "256MiB",
+ENGINE = ["--dtype", "auto", "--num-threads", "1", "--kv-cache-memory", "256MiB",
           "--max-model-len", "512"]
 READY_TIMEOUT_S = 60.0
 
@@ -98,7 +98,7 @@ def test_stream_in_flight_at_sigterm_finishes(etcd_server, children):
     worker, base, client = start_pair(etcd_server, children)
     stream = client.chat.completions.create(
         model="smollm2-135m", max_tokens=24, temperature=0, stream=True,
-        stream_options={"include_usage": True},
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
         messages=[{"role": "user", "content": "Count from one to twenty."}])
     chunks = iter(stream)
     first = next(chunks)  # the request is running on the worker

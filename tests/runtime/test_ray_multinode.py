@@ -45,7 +45,7 @@ from splitserve.runtime.ray.placement import (
 
 RAY_START_TIMEOUT_S = 90.0
 SERVE_TIMEOUT_S = 150.0
-ENGINE = ["--dtype", "bfloat16", "--num-threads", "1", "--kv-cache-memory", "256MiB",
+ENGINE = ["--dtype", "auto", "--num-threads", "1", "--kv-cache-memory", "256MiB",
           "--max-model-len", "512"]
 
 

@@ -14,7 +14,7 @@ from tests.helpers.serve import start_serve as _start_serve
 
 pytestmark = pytest.mark.live
 
-FLAGS = ["--port", "0", "--dtype", "bfloat16", "--num-threads-per-worker", "1",
+FLAGS = ["--port", "0", "--dtype", "auto", "--num-threads-per-worker", "1",
          "--kv-cache-memory", "32MiB", "--max-model-len", "512", "--log-level", "WARNING"]
 
 
