@@ -90,9 +90,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     #: auto (flashinfer on CUDA when installed, cpu on CPU) | torch | cpu | flashinfer.
     attention_backend: str = "auto"
-    #: auto (on CPU in bfloat16, also keep a GGUF file's Q4_1 weights 4-bit and run small
-    #: steps with a 4-bit kernel, engine/quant.py: faster decode, more memory) | none (dequantize
-    #: every weight to dtype only) | q4_1 (the 4-bit copy in any CPU dtype).
+    #: auto (on CPU, where our kernel for the dtype runs -- bfloat16 with AVX512-BF16, float32
+    #: with AVX2 -- also keep a GGUF file's Q4_1/Q8_0 weights quantized and run small steps
+    #: with it, engine/quant.py: faster decode, more memory) | none (dequantize every weight
+    #: to dtype only) | q4_1 (the 4-bit copy in any CPU dtype).
     quantization: str = "auto"
     #: torch intra-op threads for this engine; None leaves torch's default.
     num_threads: int | None = None

@@ -59,9 +59,15 @@ def keep_quantized(config: EngineConfig) -> bool:
     if device.type != "cpu" or not QuantLinear.supported("q4_1", dtype):
         if config.quantization == "q4_1":
             raise ValueError("quantization q4_1 runs on CPU only (a 4-bit CPU kernel: ours in "
-                             "bfloat16, or torch's int4 kernel)")
+                             "bfloat16 or float32, or torch's int4 kernel)")
         return False
-    return config.quantization == "q4_1" or dtype == torch.bfloat16
+    # auto: in bfloat16 (either kernel beats dense bf16 at decode), and in float32 where
+    # ours runs (torch's int4 kernel loses to dense float32: 7 vs 14 tok/s single-stream on
+    # an AVX2 EPYC).
+    from .quant import native_kernel
+
+    return (config.quantization == "q4_1" or dtype == torch.bfloat16
+            or native_kernel(dtype) is not None)
 
 
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -7,7 +7,8 @@ cached, loaded with ctypes.
 - `small_gemm.c`: bfloat16 linear layers for few rows, on weights packed at load
   (`load_small_gemm`);
 - `quant_gemm.c`: linear layers for few rows straight from GGUF Q4_1 / Q8_0 weights kept
-  quantized (`load_quant_gemm`);
+  quantized (`load_quant_gemm`), and `quant_gemm_f32.c` the same for the float32 engine
+  on any AVX2 CPU (`load_quant_gemm_f32`);
 - `layer_ops.c`: a layer's elementwise steps in bfloat16 (residual add + RMSNorm, RoPE,
   SiLU-and-multiply), one call each (`load_layer_ops`).
 
@@ -261,18 +262,22 @@ class QuantGemm:
 
     TILE_N, GROUP = 16, 32
     BYTES = {"q4_1": 320, "q8_0": 544}  # a tile's group of 32 inputs, packed
+    DTYPE = torch.bfloat16
+    PACK_SUFFIX, GEMM_SUFFIX = "", "bf16"  # the library's symbol names
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.splitserve_pack_q4_1.argtypes = [ptr, ptr, ptr, ptr, i64, i64]
-        lib.splitserve_pack_q8_0.argtypes = [ptr, ptr, ptr, i64, i64]
-        self._fns = {"q4_1": lib.splitserve_q4_1_gemm_bf16, "q8_0": lib.splitserve_q8_0_gemm_bf16}
-        for fn in (lib.splitserve_pack_q4_1, lib.splitserve_pack_q8_0):
+        self._pack = {fmt: getattr(lib, f"splitserve_pack_{fmt}{self.PACK_SUFFIX}")
+                      for fmt in self.BYTES}
+        self._pack["q4_1"].argtypes = [ptr, ptr, ptr, ptr, i64, i64]
+        self._pack["q8_0"].argtypes = [ptr, ptr, ptr, i64, i64]
+        self._fns = {fmt: getattr(lib, f"splitserve_{fmt}_gemm_{self.GEMM_SUFFIX}")
+                     for fmt in self.BYTES}
+        for fn in self._pack.values():
             fn.restype = None
         for fn in self._fns.values():
             fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
             fn.restype = ctypes.c_int
-        self._lib = lib
 
     def pack(self, w) -> PackedQuant:
         """A Q4_1Weight or Q8_0Weight [N, K] (K a multiple of 32) → the kernel's layout."""
@@ -286,23 +291,23 @@ class QuantGemm:
         if fmt == "q4_1":
             q = w.q.to(torch.uint8).contiguous()
             m = w.m.to(torch.float16).contiguous()
-            self._lib.splitserve_pack_q4_1(q.data_ptr(), d.data_ptr(), m.data_ptr(),
-                                           out.data_ptr(), n, k)
+            self._pack[fmt](q.data_ptr(), d.data_ptr(), m.data_ptr(), out.data_ptr(), n, k)
         else:
             q = w.q.to(torch.int8).contiguous()
-            self._lib.splitserve_pack_q8_0(q.data_ptr(), d.data_ptr(), out.data_ptr(), n, k)
+            self._pack[fmt](q.data_ptr(), d.data_ptr(), out.data_ptr(), n, k)
         return PackedQuant(fmt, out, n, k)
 
     def __call__(self, x: torch.Tensor, w: PackedQuant, bias: torch.Tensor | None = None,
                  num_threads: int = 1) -> torch.Tensor:
-        """x [M, K] bfloat16 with unit column stride → [M, N] bfloat16."""
+        """x [M, K] in DTYPE with unit column stride → [M, N] in DTYPE."""
         m, k = x.shape
-        if x.dtype != torch.bfloat16 or x.stride(1) != 1 or k != w.k:
-            raise ValueError("quant_gemm takes bfloat16 rows of the packed weight's width")
-        if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()
+        dt = self.DTYPE
+        if x.dtype != dt or x.stride(1) != 1 or k != w.k:
+            raise ValueError(f"quant_gemm takes {dt} rows of the packed weight's width")
+        if bias is not None and (bias.dtype != dt or not bias.is_contiguous()
                                  or bias.shape != (w.n,)):
-            raise ValueError("quant_gemm takes a contiguous bfloat16 bias, one per output")
-        y = torch.empty(m, w.n, dtype=torch.bfloat16)
+            raise ValueError(f"quant_gemm takes a contiguous {dt} bias, one per output")
+        y = torch.empty(m, w.n, dtype=dt)
         rc = self._fns[w.fmt](x.data_ptr(), x.stride(0), m, w.data.data_ptr(), w.n, k,
                               bias.data_ptr() if bias is not None else None, y.data_ptr(), w.n,
                               num_threads)
@@ -311,6 +316,16 @@ class QuantGemm:
         if rc != 0:
             raise RuntimeError("quant_gemm kernel refused its input")
         return y
+
+
+class QuantGemmF32(QuantGemm):
+    """The same in float32 (csrc/quant_gemm_f32.c: AVX2, FMA and F16C), for the float32
+    engine: 6.4x (Q4_1) and 3.8x (Q8_0) fewer bytes read per step than dense float32."""
+
+    TILE_N = 8
+    BYTES = {"q4_1": 160, "q8_0": 272}
+    DTYPE = torch.float32
+    PACK_SUFFIX, GEMM_SUFFIX = "_f32", "f32"
 
 
 class LayerOps:
@@ -443,25 +458,25 @@ def load_library(name: str) -> ctypes.CDLL | None:
     return lib
 
 
-def _vectorized(lib: ctypes.CDLL | None, name: str) -> bool:
-    """Whether csrc/<name>.c was built with AVX512-BF16 (its fast paths; without them
-    torch's vectorised ops are faster than the scalar C)."""
+def _vectorized(lib: ctypes.CDLL | None, name: str, needs: str = "AVX512-BF16") -> bool:
+    """Whether csrc/<name>.c was built with the instructions of its fast paths (`needs`;
+    without them torch's vectorised ops are faster than the scalar C)."""
     if lib is None:
         return False
     if not getattr(lib, f"splitserve_{name}_available")():
-        logger.info("%s kernel: this CPU has no AVX512-BF16; using torch", name)
+        logger.info("%s kernel: this CPU has no %s; using torch", name, needs)
         return False
     return True
 
 
-def _kernel_loader(name: str, wrapper):
-    """load_<name>(): csrc/<name>.c wrapped, or None where it is not built with AVX512-BF16.
+def _kernel_loader(name: str, wrapper, needs: str = "AVX512-BF16"):
+    """load_<name>(): csrc/<name>.c wrapped, or None where it is not built with `needs`.
     One wrapper per process (every Linear asks for the GEMM at load)."""
 
     @functools.lru_cache(maxsize=1)
     def load():
         lib = load_library(name)
-        return wrapper(lib) if _vectorized(lib, name) else None
+        return wrapper(lib) if _vectorized(lib, name, needs) else None
 
     load.__name__ = load.__qualname__ = f"load_{name}"
     return load
@@ -471,9 +486,10 @@ load_paged_decode = _kernel_loader("paged_decode", PagedDecodeKernel)
 load_paged_prefill = _kernel_loader("paged_prefill", PagedPrefillKernel)
 load_small_gemm = _kernel_loader("small_gemm", SmallGemm)
 load_quant_gemm = _kernel_loader("quant_gemm", QuantGemm)
+load_quant_gemm_f32 = _kernel_loader("quant_gemm_f32", QuantGemmF32, "AVX2/FMA/F16C")
 load_layer_ops = _kernel_loader("layer_ops", LayerOps)
 _LOADERS = (load_paged_decode, load_paged_prefill, load_small_gemm, load_quant_gemm,
-            load_layer_ops)
+            load_quant_gemm_f32, load_layer_ops)
 
 
 def clear_caches() -> None:

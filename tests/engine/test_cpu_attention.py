@@ -212,15 +212,17 @@ def test_cpu_backend_engine_matches_torch_backend_in_bf16():
 
 
 @pytest.mark.parametrize("name", sorted(src.stem for src in native.CSRC.glob("*.c")))
-def test_a_library_built_without_avx512_bf16_is_not_used(name):
-    """Every kernel: a build whose probe says no AVX512-BF16 is not used (its scalar paths
-    lose to torch's), and the loader answers what the probe of this build says."""
-    class Scalar:  # what a build on a CPU without AVX512-BF16 reports
+def test_a_library_built_without_its_instructions_is_not_used(name):
+    """Every kernel: a build whose probe says it lacks its fast paths' instructions
+    (AVX512-BF16; AVX2 for quant_gemm_f32) is not used (its scalar paths lose to torch's),
+    and the loader answers what the probe of this build says."""
+    class Scalar:  # what a build on a CPU without those instructions reports
         pass
 
     setattr(Scalar, f"splitserve_{name}_available", staticmethod(lambda: 0))
-    assert native._vectorized(Scalar(), name) is False
-    assert native._vectorized(None, name) is False
+    assert native._vectorized(Scalar(), name, "them") is False
+    assert native._vectorized(None, name, "them") is False
     lib = native.load_library(name)
     if lib is not None:
-        assert native._vectorized(lib, name) == (getattr(native, f"load_{name}")() is not None)
+        assert native._vectorized(lib, name, "them") == (
+            getattr(native, f"load_{name}")() is not None)

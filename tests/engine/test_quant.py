@@ -19,6 +19,7 @@ import torch  # noqa: E402
 
 from splitserve.engine.config import EngineConfig  # noqa: E402
 from splitserve.engine.model_runner import keep_quantized  # noqa: E402
+from splitserve.engine import quant  # noqa: E402
 from splitserve.engine.quant import (  # noqa: E402
     INT4_MAX_ROWS,
     Q4_1Weight,
@@ -98,7 +99,8 @@ def test_int4_linear_bfloat16_close_to_dense():
 
 
 @needs_kernel
-def test_large_batches_take_the_dense_path():
+def test_large_batches_take_the_dense_path(monkeypatch):
+    monkeypatch.setattr(quant, "load_quant_gemm_f32", lambda: None)  # torch's int4 kernel
     w = _random_q4(32, 64)
     calls = []
 
@@ -114,9 +116,12 @@ def test_large_batches_take_the_dense_path():
 
 
 def test_quantization_setting():
-    assert not keep_quantized(EngineConfig(dtype="float32", device="cpu"))
+    from splitserve.engine.native import load_quant_gemm, load_quant_gemm_f32
+
+    # float32: only our kernel (torch's int4 one loses to dense there)
+    assert keep_quantized(EngineConfig(dtype="float32", device="cpu")) == (
+        load_quant_gemm_f32() is not None)
     assert not keep_quantized(EngineConfig(dtype="bfloat16", device="cpu", quantization="none"))
-    from splitserve.engine.native import load_quant_gemm
 
     assert keep_quantized(EngineConfig(dtype="bfloat16", device="cpu")) == (
         int4_kernel_available() or load_quant_gemm() is not None)
