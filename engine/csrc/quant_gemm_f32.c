@@ -17,9 +17,11 @@
  *   Q4_1 (160 bytes): 32 little-endian 32-bit words, word k holding q[row r][k] in bits
  *     4r..4r+3; then 8 fp16 d and 8 fp16 m;
  *   Q8_0 (272 bytes): 32 x 8 int8, q[row r][k] at byte 8k + r; then 8 fp16 d.
- * One AVX2 vector holds the tile's 8 outputs: for each input k, the 8 weights are converted
- * once and multiplied into every row of x (up to MB_MAX at a time; more re-read the tile
- * from L1). Tiles are split over OpenMP threads.
+ * One AVX2 vector holds a tile's 8 outputs; two adjacent tiles share every broadcast of
+ * an x value, 4 rows of x at a time (x copied once a call into blocks of 4 rows side by
+ * side, k-major, so each load is a constant offset from one pointer). Each input's weights
+ * are converted as they are used: converting a group once into an L1 buffer for many rows
+ * measured slower. Pairs of tiles are split over OpenMP threads.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -88,58 +90,88 @@ void splitserve_pack_q8_0_f32(const int8_t *q, const uint16_t *d, uint8_t *out, 
 }
 
 #if QG32_SIMD
-/* acc[r] (8 outputs, float32) = x[r] @ one packed tile, for MB rows of x. */
-static inline __attribute__((always_inline)) void tile_rows(
-    const float *x, int64_t ldx, const float *xsum, const uint8_t *tp, int64_t groups,
-    __m256 *acc, const int MB, const int Q8) {
-    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    const __m256i low4 = _mm256_set1_epi32(0xF);
-    /* C independent sums per row (inputs k, k + C, ...): one FMA chain would wait on its
-     * own latency every input; 8 chains in all keep both FMA pipes busy. */
-    const int C = MB == 1 ? 8 : MB == 2 ? 4 : 2;
-    __m256 a[MB_MAX];
-    for (int r = 0; r < MB; r++) a[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        const uint8_t *blk = tp + g * (Q8 ? Q8_BYTES : Q4_BYTES);
-        __m256 s[8];
-        for (int i = 0; i < MB * C; i++) s[i] = _mm256_setzero_ps();
-#pragma GCC unroll 32
-        for (int k = 0; k < GROUP; k++) {
-            __m256 w;
-            if (Q8) {
-                w = _mm256_cvtepi32_ps(
-                    _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 8 * k))));
-            } else {
-                int32_t word;
-                memcpy(&word, blk + 4 * k, 4);
-                w = _mm256_cvtepi32_ps(_mm256_and_si256(
-                    _mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), low4));
-            }
-            for (int r = 0; r < MB; r++)
-                s[r * C + k % C] = _mm256_fmadd_ps(
-                    _mm256_broadcast_ss(x + r * ldx + g * GROUP + k), w, s[r * C + k % C]);
-        }
-        for (int r = 0; r < MB; r++)
-            for (int i = 1; i < C; i++) s[r * C] = _mm256_add_ps(s[r * C], s[r * C + i]);
-        const uint8_t *scales = blk + (Q8 ? 256 : 128);
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)scales));
-        for (int r = 0; r < MB; r++) a[r] = _mm256_fmadd_ps(s[r * C], d, a[r]);
-        if (!Q8) {
-            const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + 16)));
-            for (int r = 0; r < MB; r++)
-                a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(xsum + r * groups + g), mn, a[r]);
-        }
-    }
-    for (int r = 0; r < MB; r++) acc[r] = a[r];
+/* The 8 weights (one per output of the tile) of input k of a packed group, as float32. */
+static inline __attribute__((always_inline)) __m256 weights_at(const uint8_t *blk, int k,
+                                                               const int Q8) {
+    if (Q8)
+        return _mm256_cvtepi32_ps(
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 8 * k))));
+    int32_t word;
+    memcpy(&word, blk + 4 * k, 4);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_set1_epi32(word), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+        _mm256_set1_epi32(0xF)));
 }
 
-#define TILE_CASES(Q8)                                                   \
-    switch (mb) {                                                        \
-    case 1: tile_rows(xs, ldx, ss, w, groups, acc, 1, Q8); break;        \
-    case 2: tile_rows(xs, ldx, ss, w, groups, acc, 2, Q8); break;        \
-    case 3: tile_rows(xs, ldx, ss, w, groups, acc, 3, Q8); break;        \
-    default: tile_rows(xs, ldx, ss, w, groups, acc, 4, Q8); break;       \
+/* One group of NT (1 or 2) adjacent tiles for MB rows of x: a[t][r] += d_t * sum_k x[r][k]
+ * w_tk (+ m_t * xsum[r] for Q4_1), x[r][k] at xb[4k + r] and xsum[r] at xsb[r] (the rows
+ * interleaved in blocks of 4, so every load is a constant offset from one pointer). Two
+ * tiles share each broadcast of x; MB * NT * C = 8 independent FMA chains (C sums per row
+ * and tile over inputs k, k + C, ...) keep both FMA pipes busy. */
+static inline __attribute__((always_inline)) void group_rows(
+    const float *xb, const float *xsb, const uint8_t *blk0, const uint8_t *blk1,
+    __m256 *a0, __m256 *a1, const int MB, const int NT, const int Q8) {
+    const int C = 8 / (MB * NT) > 0 ? 8 / (MB * NT) : 1;
+    __m256 s[2][8];
+    for (int t = 0; t < NT; t++)
+        for (int i = 0; i < MB * C; i++) s[t][i] = _mm256_setzero_ps();
+#pragma GCC unroll 32
+    for (int k = 0; k < GROUP; k++) {
+        const __m256 w0 = weights_at(blk0, k, Q8);
+        const __m256 w1 = NT == 2 ? weights_at(blk1, k, Q8) : w0;
+        for (int r = 0; r < MB; r++) {
+            const __m256 xv = _mm256_broadcast_ss(xb + k * MB_MAX + r);
+            s[0][r * C + k % C] = _mm256_fmadd_ps(xv, w0, s[0][r * C + k % C]);
+            if (NT == 2) s[1][r * C + k % C] = _mm256_fmadd_ps(xv, w1, s[1][r * C + k % C]);
+        }
     }
+    for (int t = 0; t < NT; t++) {
+        const uint8_t *scales = (t ? blk1 : blk0) + (Q8 ? 256 : 128);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)scales));
+        const __m256 mn = Q8 ? d : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + 16)));
+        __m256 *a = t ? a1 : a0;
+        for (int r = 0; r < MB; r++) {
+            for (int i = 1; i < C; i++) s[t][r * C] = _mm256_add_ps(s[t][r * C], s[t][r * C + i]);
+            a[r] = _mm256_fmadd_ps(s[t][r * C], d, a[r]);
+            if (!Q8) a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(xsb + r), mn, a[r]);
+        }
+    }
+}
+
+#define GROUP_CASES(mb, NT, Q8, ...)                                 \
+    switch (mb) {                                                    \
+    case 1: group_rows(__VA_ARGS__, 1, NT, Q8); break;               \
+    case 2: group_rows(__VA_ARGS__, 2, NT, Q8); break;               \
+    case 3: group_rows(__VA_ARGS__, 3, NT, Q8); break;               \
+    default: group_rows(__VA_ARGS__, 4, NT, Q8); break;              \
+    }
+
+/* acc0[r], acc1[r] (8 outputs each) = x[r] @ packed tiles tp0 (and tp1 when nt is 2), for
+ * mrows rows of x (at most ROW_CHUNK) in the interleaved layout, MB_MAX rows at a time. */
+#define ROW_CHUNK 32
+static void tile_rows(const float *xi, const float *si, int64_t K, int64_t groups,
+                      const uint8_t *tp0, const uint8_t *tp1, __m256 *acc0, __m256 *acc1,
+                      int mrows, const int nt, const int q8) {
+    const int64_t bytes = q8 ? Q8_BYTES : Q4_BYTES;
+    for (int r = 0; r < mrows; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *b0 = tp0 + g * bytes, *b1 = tp1 + g * bytes;
+        for (int r0 = 0; r0 < mrows; r0 += MB_MAX) {
+            const int mb = mrows - r0 < MB_MAX ? mrows - r0 : MB_MAX;
+            const float *xb = xi + (r0 / MB_MAX) * K * MB_MAX + g * GROUP * MB_MAX;
+            const float *xsb = si + (r0 / MB_MAX) * groups * MB_MAX + g * MB_MAX;
+            if (q8 && nt == 2) {
+                GROUP_CASES(mb, 2, 1, xb, xsb, b0, b1, acc0 + r0, acc1 + r0)
+            } else if (q8) {
+                GROUP_CASES(mb, 1, 1, xb, xsb, b0, b1, acc0 + r0, acc1 + r0)
+            } else if (nt == 2) {
+                GROUP_CASES(mb, 2, 0, xb, xsb, b0, b1, acc0 + r0, acc1 + r0)
+            } else {
+                GROUP_CASES(mb, 1, 0, xb, xsb, b0, b1, acc0 + r0, acc1 + r0)
+            }
+        }
+    }
+}
 
 static int quant_gemm_f32(const float *x, int64_t ldx, int64_t M, const uint8_t *wp,
                           int64_t N, int64_t K, const float *bias, float *y, int64_t ldy,
@@ -147,48 +179,53 @@ static int quant_gemm_f32(const float *x, int64_t ldx, int64_t M, const uint8_t 
     if (K % GROUP) return -1;
     const int64_t tiles = (N + TILE_N - 1) / TILE_N, groups = K / GROUP;
     const int64_t bytes = q8 ? Q8_BYTES : Q4_BYTES;
-    float *xsum = NULL;
-    if (!q8) {
-        xsum = (float *)malloc(sizeof(float) * (M * groups + 1));
-        if (!xsum) return -2;
-        for (int64_t r = 0; r < M; r++)
-            for (int64_t g = 0; g < groups; g++) {
-                const float *p = x + r * ldx + g * GROUP;
-                __m256 v = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)),
-                                         _mm256_add_ps(_mm256_loadu_ps(p + 16), _mm256_loadu_ps(p + 24)));
-                __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-                h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                h = _mm_add_ss(h, _mm_movehdup_ps(h));
-                xsum[r * groups + g] = _mm_cvtss_f32(h);
+    /* x as blocks of MB_MAX rows, each k-major with its rows side by side (xi[blk][k][r],
+     * rows past M zero), and each row's sum over each group likewise (si[blk][g][r]). */
+    const int64_t nblk = (M + MB_MAX - 1) / MB_MAX;
+    float *xi = (float *)calloc((size_t)(nblk * MB_MAX * (K + groups)), sizeof(float));
+    if (!xi) return -2;
+    float *si = xi + nblk * MB_MAX * K;
+    for (int64_t r = 0; r < M; r++) {
+        float *dst = xi + (r / MB_MAX) * K * MB_MAX + r % MB_MAX;
+        float *sums = si + (r / MB_MAX) * groups * MB_MAX + r % MB_MAX;
+        for (int64_t g = 0; g < groups; g++) {
+            float sum = 0.f;
+            for (int k = 0; k < GROUP; k++) {
+                const float v = x[r * ldx + g * GROUP + k];
+                dst[(g * GROUP + k) * MB_MAX] = v;
+                sum += v;
             }
+            sums[g * MB_MAX] = sum;
+        }
     }
-#pragma omp parallel for num_threads(num_threads) if (num_threads > 1 && tiles > 1) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        __m256 acc[MB_MAX];
+    /* Pairs of tiles (the last one alone when their count is odd). */
+    const int64_t pairs = (tiles + 1) / 2;
+#pragma omp parallel for num_threads(num_threads) if (num_threads > 1 && pairs > 1) schedule(static)
+    for (int64_t pr = 0; pr < pairs; pr++) {
+        __m256 acc[2][ROW_CHUNK];
         float out[TILE_N];
-        const uint8_t *w = wp + t * groups * bytes;
-        const int64_t n0 = t * TILE_N, nn = N - n0 < TILE_N ? N - n0 : TILE_N;
-        for (int64_t m0 = 0; m0 < M; m0 += MB_MAX) {
-            const int mb = (int)(M - m0 < MB_MAX ? M - m0 : MB_MAX);
-            const float *xs = x + m0 * ldx;
-            const float *ss = q8 ? NULL : xsum + m0 * groups;
-            if (q8) {
-                TILE_CASES(1)
-            } else {
-                TILE_CASES(0)
-            }
-            for (int r = 0; r < mb; r++) {
-                float *yr = y + (m0 + r) * ldy + n0;
-                if (nn == TILE_N && !bias) {
-                    _mm256_storeu_ps(yr, acc[r]);
-                    continue;
+        const int64_t t0 = 2 * pr;
+        const int nt = t0 + 1 < tiles ? 2 : 1;
+        const uint8_t *w0 = wp + t0 * groups * bytes;
+        for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
+            const int mrows = (int)(M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK);
+            tile_rows(xi + m0 * K, si + m0 * groups, K, groups, w0, w0 + (nt - 1) * groups * bytes,
+                      acc[0], acc[1], mrows, nt, q8);
+            for (int t = 0; t < nt; t++) {
+                const int64_t n0 = (t0 + t) * TILE_N, nn = N - n0 < TILE_N ? N - n0 : TILE_N;
+                for (int r = 0; r < mrows; r++) {
+                    float *yr = y + (m0 + r) * ldy + n0;
+                    if (nn == TILE_N && !bias) {
+                        _mm256_storeu_ps(yr, acc[t][r]);
+                        continue;
+                    }
+                    _mm256_storeu_ps(out, acc[t][r]);
+                    for (int64_t n = 0; n < nn; n++) yr[n] = out[n] + (bias ? bias[n0 + n] : 0.f);
                 }
-                _mm256_storeu_ps(out, acc[r]);
-                for (int64_t n = 0; n < nn; n++) yr[n] = out[n] + (bias ? bias[n0 + n] : 0.f);
             }
         }
     }
-    free(xsum);
+    free(xi);
     return 0;
 }
 #else

@@ -29,8 +29,9 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @needs_kernel
 @pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 17])
-@pytest.mark.parametrize("n,k", [(8, 32), (203, 96), (960, 576), (576, 1536)])  # 203: a partial tile
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 17, 33])  # 33: past a 32-row chunk
+@pytest.mark.parametrize("n,k", [(8, 32), (200, 64), (203, 96), (960, 576), (576, 1536)])
+# 8 and 200: an odd number of tiles (the last one alone); 203: a partial tile
 @pytest.mark.parametrize("threads", [1, 2])
 def test_quant_gemm_f32_matches_float64(fmt, m, n, k, threads):
     w, x, b = RANDOM[fmt](n, k, seed=n + k), f32(m, k, seed=m), f32(n, seed=k)
