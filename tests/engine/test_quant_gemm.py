@@ -1,5 +1,6 @@
-"""The native Q4_1 / Q8_0 kernel (engine/csrc/quant_gemm.c) against float64 on the
-dequantized weights, and `QuantLinear` choosing it."""
+"""The native Q4_1 / Q8_0 kernels (engine/csrc/quant_gemm.c in bfloat16, quant_gemm_f32.c
+in float32) against float64 on the dequantized weights, and `QuantLinear` choosing the
+bfloat16 one (the float32 one: test_quant_gemm_f32.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from splitserve.engine import native, quant
-from splitserve.engine.quant import NATIVE_MAX_ROWS, Q4_1Weight, Q8_0Weight, QuantLinear
+from splitserve.engine.quant import (NATIVE_F32_MAX_ROWS, NATIVE_MAX_ROWS, Q4_1Weight, Q8_0Weight,
+                                     QuantLinear)
 
 gemm = native.load_quant_gemm()
 needs_kernel = pytest.mark.skipif(gemm is None, reason="kernel not built here (no compiler "
@@ -40,22 +42,42 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).abs() / want.abs().clamp_min(0.05)).max().item()
 
 
-@needs_kernel
+def f32(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest error over the largest output: float32 sums of exact products."""
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+#: Each kernel: (loaded kernel or None, activations, their dtype, error measure, bound).
+#: bfloat16: exact products, float32 sums, one bf16 rounding of the output (2^-9 relative).
+KERNELS = {
+    "bf16": (gemm, bf16, torch.bfloat16, rel_err, 8e-3),
+    "f32": (native.load_quant_gemm_f32(), f32, torch.float32, max_rel_err, 1e-5),
+}
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
 @pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 13, 20])
-@pytest.mark.parametrize("n,k", [(16, 32), (200, 96), (960, 576), (576, 1536)])  # 200: a partial tile
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 13, 20, 33])  # 33: past the f32 kernel's 32-row chunk
+@pytest.mark.parametrize("n,k", [(8, 32), (16, 32), (200, 64), (203, 96), (960, 576), (576, 1536)])
+# 200, 203: partial and odd counts of both kernels' tiles (16 and 8 outputs)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_quant_gemm_matches_float64(fmt, m, n, k, threads):
-    w, x, b = RANDOM[fmt](n, k, seed=n + k), bf16(m, k, seed=m), bf16(n, seed=k)
+def test_quant_gemm_matches_float64(kernel, fmt, m, n, k, threads):
+    kern, acts, dtype, err, bound = KERNELS[kernel]
+    if kern is None:
+        pytest.skip(f"{kernel} kernel not built here (no compiler or not this CPU's instructions)")
+    w, x, b = RANDOM[fmt](n, k, seed=n + k), acts(m, k, seed=m), acts(n, seed=k)
     want = x.double() @ w.dequantize().double().T + b.double()
-    got = gemm(x, gemm.pack(w), b, threads)
-    assert got.shape == (m, n) and got.dtype == torch.bfloat16
-    # exact products, float32 sums, one bf16 rounding of the output (2^-9 relative)
-    assert rel_err(got, want) < 8e-3
+    got = kern(x, kern.pack(w), b, threads)
+    assert got.shape == (m, n) and got.dtype == dtype
+    assert err(got, want) < bound
     # without bias, and rows read with a stride (a slice of a wider tensor)
-    wide = torch.cat([x, bf16(m, 32, seed=1)], dim=1)[:, :k]
-    assert torch.equal(gemm(wide, gemm.pack(w), None, threads),
-                       gemm(x.contiguous(), gemm.pack(w), None, threads))
+    wide = torch.cat([x, acts(m, 32, seed=1)], dim=1)[:, :k]
+    assert torch.equal(kern(wide, kern.pack(w), None, threads),
+                       kern(x.contiguous(), kern.pack(w), None, threads))
 
 
 @needs_kernel
@@ -94,38 +116,48 @@ def test_q8_gemm_reads_every_byte_with_its_sign():
         assert torch.equal(gemm(one_hot, gemm.pack(w))[0].float(), 0.5 * q[:, col].float())
 
 
-@needs_kernel
-def test_quant_gemm_rejects_bad_input():
-    w = gemm.pack(random_q4(32, 64, seed=0))
+def _kernel(name: str):
+    kern = KERNELS[name][0]
+    if kern is None:
+        pytest.skip(f"{name} kernel not built here (no compiler or not this CPU's instructions)")
+    return KERNELS[name]
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_quant_gemm_rejects_bad_input(kernel):
+    kern, acts, dtype, _, _ = _kernel(kernel)
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    w = kern.pack(random_q4(32, 64, seed=0))
     with pytest.raises(ValueError, match="multiple of 32"):
-        gemm.pack(random_q4(32, 64, seed=0).map_rows(lambda t: t[:, : t.shape[1] // 2 + 1]))
+        kern.pack(random_q4(32, 64, seed=0).map_rows(lambda t: t[:, : t.shape[1] // 2 + 1]))
     with pytest.raises(ValueError, match="width"):
-        gemm(bf16(2, 96, seed=0), w)
-    with pytest.raises(ValueError, match="bfloat16"):
-        gemm(torch.randn(2, 64), w)
+        kern(acts(2, 96, seed=0), w)
+    with pytest.raises(ValueError, match=str(dtype).replace("torch.", "")):
+        kern(acts(2, 64, seed=0).to(other), w)
     with pytest.raises(ValueError, match="bias"):
-        gemm(bf16(2, 64, seed=0), w, torch.randn(32))
+        kern(acts(2, 64, seed=0), w, acts(32, seed=0).to(other))
     with pytest.raises(ValueError, match="bias"):
-        gemm(bf16(2, 64, seed=0), w, bf16(31, seed=0))
+        kern(acts(2, 64, seed=0), w, acts(31, seed=0))
 
 
-@needs_kernel
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
 @pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
-def test_quant_linear_runs_the_kernel_in_bf16_up_to_its_crossover(fmt):
-    w, b = RANDOM[fmt](96, 128, seed=5), bf16(96, seed=6)
+def test_quant_linear_runs_the_kernel_up_to_its_crossover(kernel, fmt):
+    kern, acts, dtype, err, bound = _kernel(kernel)
+    w, b = RANDOM[fmt](96, 128, seed=5), acts(96, seed=6)
     calls = []
 
     def dense(x):
         calls.append(x.shape[0])
         return torch.zeros(x.shape[0], 96, dtype=x.dtype)
 
-    rows = NATIVE_MAX_ROWS[fmt]
-    lin = QuantLinear(w, b, torch.bfloat16, dense)
-    assert isinstance(lin.native, native.QuantGemm) and lin.max_rows == rows
-    x = bf16(rows, 128, seed=7)
+    rows = (NATIVE_MAX_ROWS if dtype == torch.bfloat16 else NATIVE_F32_MAX_ROWS)[fmt]
+    lin = QuantLinear(w, b, dtype, dense)
+    assert type(lin.native) is type(kern) and lin.max_rows == rows
+    x = acts(rows, 128, seed=7)
     want = x.double() @ w.dequantize().double().T + b.double()
-    assert rel_err(lin(x), want) < 8e-3 and calls == []
-    lin(bf16(rows + 1, 128, seed=8))
+    assert err(lin(x), want) < bound and calls == []
+    lin(acts(rows + 1, 128, seed=8))
     assert calls == [rows + 1]
 
 
