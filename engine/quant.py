@@ -2,14 +2,16 @@
 
 A Q4_1 block holds 32 consecutive weights of one row: an fp16 scale `d`, an fp16 minimum
 `m` and 32 4-bit values `q`, with w = d*q + m. Small-batch decode is bound by reading
-weights, so reading the 4.5 bits a weight the file stores beats reading 16. Two kernels:
+weights, so reading the 4.5 bits a weight the file stores beats reading 16 (or 32). Three
+kernels:
 
-- in bfloat16, the native kernel (engine/csrc/quant_gemm.c), which takes the file's
-  numbers as they are; it also runs Q8_0 (w = d*q, q an int8: SmolLM2's embedding, which
-  its tied lm_head reads every step);
-- otherwise (no compiler, float32) torch's int4 weight-only kernel
-  (`aten._weight_int4pack_mm_for_cpu`), which computes w = (q - 8)*scale + zero per group
-  of 32, so scale = d and zero = m + 8d.
+- in bfloat16, the native kernel (engine/csrc/quant_gemm.c, AVX512-BF16), which takes the
+  file's numbers as they are; it also runs Q8_0 (w = d*q, q an int8: SmolLM2's embedding,
+  which its tied lm_head reads every step);
+- in float32, its AVX2 counterpart (engine/csrc/quant_gemm_f32.c), Q4_1 and Q8_0 alike;
+- otherwise (no compiler, or a CPU without the native kernel's instructions) torch's int4
+  weight-only kernel (`aten._weight_int4pack_mm_for_cpu`), which computes
+  w = (q - 8)*scale + zero per group of 32, so scale = d and zero = m + 8d.
 
 This is for speed, not memory: a dense copy is kept too, for the larger steps where the
 quantized kernels lose (`QuantLinear`).
@@ -151,11 +153,10 @@ def native_kernel(dtype: torch.dtype | None):
 class QuantLinear:
     """y = x @ W.T (+ b) with W a Q4_1Weight or Q8_0Weight, on CPU: small batches (decode)
     through a quantized kernel, larger ones (prefill, big decode batches) through `dense`,
-    the same weights dequantized. Activations and output are in `dtype`. In bfloat16 the
-    native kernel runs where it was built (exact fp16 scales, float32 sums); otherwise, for
-    Q4_1, torch's int4 kernel, whose scales are in `dtype` (in float32 exact: the result
-    equals the dequantized GEMM up to summation order). `supported` says whether either
-    can run a weight."""
+    the same weights dequantized. Activations and output are in `dtype`. In bfloat16 and
+    float32 the native kernel for that dtype runs where it was built (exact fp16 scales,
+    float32 sums); otherwise, for Q4_1, torch's int4 kernel, whose scales are in `dtype`.
+    `supported` says whether any of them can run a weight."""
 
     __slots__ = ("packed", "scales_zeros", "bias", "out_features", "dense", "native", "max_rows")
 
