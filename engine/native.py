@@ -1,7 +1,8 @@
 """The engine's CPU kernels in C (`csrc/`): built with the system C compiler on first use,
 cached, loaded with ctypes.
 
-- `paged_decode.c`: decode attention over the paged bfloat16 cache (`load_paged_decode`);
+- `paged_decode.c`: decode attention over the paged bfloat16 cache (`load_paged_decode`),
+  and over a float32 cache on any AVX2 CPU (`load_paged_decode_f32`);
 - `paged_prefill.c`: causal attention of a prefill chunk over the paged bfloat16 cache,
   flash-attention style (`load_paged_prefill`);
 - `small_gemm.c`: bfloat16 linear layers for few rows, on weights packed at load
@@ -10,7 +11,8 @@ cached, loaded with ctypes.
   quantized (`load_quant_gemm`), and `quant_gemm_f32.c` the same for the float32 engine
   on any AVX2 CPU (`load_quant_gemm_f32`);
 - `layer_ops.c`: a layer's elementwise steps in bfloat16 (residual add + RMSNorm, RoPE,
-  SiLU-and-multiply), one call each (`load_layer_ops`).
+  SiLU-and-multiply), one call each (`load_layer_ops`), and in float32 on any AVX2 CPU
+  (`load_layer_ops_f32`).
 
 Lifecycle: loading a kernel hashes its source, the compiler flags and this CPU's model and
 feature flags (`-march=native` code runs only where it was built), looks for
@@ -55,17 +57,21 @@ class PagedDecodeKernel:
     """Decode attention for bfloat16 caches laid out as the engine's
     [num_blocks, layers, 2, block_size, kv_heads, head_dim]."""
 
+    DTYPE = torch.bfloat16
+    SUFFIX = "bf16"
+
     def __init__(self, lib: ctypes.CDLL) -> None:
-        fn = lib.splitserve_paged_decode_bf16
+        fn = getattr(lib, f"splitserve_paged_decode_{self.SUFFIX}")
         i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
         fn.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, i64, ptr, i32, i32, i32, i32, i32,
                        ctypes.c_float, i32]
         fn.restype = i32
         self._fn = fn
-        w = lib.splitserve_write_kv_bf16
-        w.argtypes = [ptr, i64, i64, i64, i32, ptr, i64, ptr, i64, ptr, ptr, i64, i64]
+        w = lib.splitserve_write_kv
+        w.argtypes = [ptr, i64, i64, i64, i32, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i32]
         w.restype = i32
         self._write = w
+        self._name = str(self.DTYPE).removeprefix("torch.")
 
     def check_step(self, kv_cache: torch.Tensor, block_table: torch.Tensor,
                    seq_lens: torch.Tensor, num_heads: int, head_dim: int) -> None:
@@ -73,8 +79,9 @@ class PagedDecodeKernel:
         not check it). block_table [D, max_blocks] and seq_lens [D] int64 (tokens in the
         cache incl. this one)."""
         _, _, two, _, nkv, hd = kv_cache.shape
-        if kv_cache.dtype != torch.bfloat16 or hd != head_dim or two != 2:
-            raise ValueError("the paged-decode kernel takes bfloat16 q and cache of one head_dim")
+        if kv_cache.dtype != self.DTYPE or hd != head_dim or two != 2:
+            raise ValueError(f"the paged-decode kernel takes {self._name} q and cache of one "
+                             f"head_dim")
         if not kv_cache.is_contiguous():
             raise ValueError("the paged-decode kernel takes a contiguous cache and q rows")
         if num_heads % nkv:
@@ -89,13 +96,13 @@ class PagedDecodeKernel:
             block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
             num_threads: int = 1) -> torch.Tensor:
         """One layer, after `check_step` passed for this cache, table and lengths.
-        q [D, heads, head_dim] bfloat16 (each request's heads contiguous) → [D, heads,
+        q [D, heads, head_dim] in DTYPE (each request's heads contiguous) → [D, heads,
         head_dim]."""
         D, nh, d = q.shape
-        if (q.dtype != torch.bfloat16 or q.stride(2) != 1 or q.stride(1) != d
+        if (q.dtype != self.DTYPE or q.stride(2) != 1 or q.stride(1) != d
                 or block_table.shape[0] != D or not 0 <= layer < kv_cache.shape[1]):
-            raise ValueError(f"the paged-decode kernel takes bfloat16 q rows, one per table "
-                             f"row, and a layer of the cache (got layer {layer})")
+            raise ValueError(f"the paged-decode kernel takes {self._name} q rows, one per "
+                             f"table row, and a layer of the cache (got layer {layer})")
         out = torch.empty(D, nh, d, dtype=q.dtype)
         layer_k = _layer_ptr(kv_cache, layer)
         nkv = kv_cache.shape[4]
@@ -112,14 +119,14 @@ class PagedDecodeKernel:
     def write_kv(self, kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
                  slot_block: torch.Tensor, slot_offset: torch.Tensor) -> None:
         """kv_cache[slot_block[t], layer, 0 / 1, slot_offset[t]] = k[t] / v[t] for every token
-        t: k, v [T, kv_heads, head_dim] bfloat16 with contiguous rows, slots int64 [T]."""
+        t: k, v [T, kv_heads, head_dim] in DTYPE with contiguous rows, slots int64 [T]."""
         T, nkv, d = k.shape
         _, layers, _, bs, cnkv, cd = kv_cache.shape
-        if (kv_cache.dtype != torch.bfloat16 or not kv_cache.is_contiguous()
+        if (kv_cache.dtype != self.DTYPE or not kv_cache.is_contiguous()
                 or not 0 <= layer < layers or (cnkv, cd) != (nkv, d) or v.shape != k.shape):
-            raise ValueError("write_kv takes bfloat16 k and v of the cache's heads")
+            raise ValueError(f"write_kv takes {self._name} k and v of the cache's heads")
         for t in (k, v):
-            if t.dtype != torch.bfloat16 or t.stride(2) != 1 or t.stride(1) != d:
+            if t.dtype != self.DTYPE or t.stride(2) != 1 or t.stride(1) != d:
                 raise ValueError("write_kv takes k and v rows with contiguous heads")
         for t in (slot_block, slot_offset):
             if t.dtype != torch.int64 or not t.is_contiguous() or t.shape != (T,):
@@ -127,7 +134,8 @@ class PagedDecodeKernel:
         layer_k = _layer_ptr(kv_cache, layer)
         rc = self._write(layer_k, kv_cache.stride(0), kv_cache.stride(2), kv_cache.shape[0], bs,
                          k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
-                         slot_block.data_ptr(), slot_offset.data_ptr(), T, nkv * d)
+                         slot_block.data_ptr(), slot_offset.data_ptr(), T, nkv * d,
+                         kv_cache.element_size())
         if rc != 0:
             raise IndexError("write_kv: a slot is outside the cache")
 
@@ -137,6 +145,14 @@ class PagedDecodeKernel:
         """`check_step` and `run` together: one layer, everything validated."""
         self.check_step(kv_cache, block_table, seq_lens, q.shape[1], q.shape[2])
         return self.run(q, kv_cache, layer, block_table, seq_lens, scale, num_threads)
+
+
+class PagedDecodeKernelF32(PagedDecodeKernel):
+    """The same for a float32 cache (AVX2 and FMA): the float32 engine's decodes, e.g. on a
+    CPU without bfloat16 units, where `--dtype auto` is float32."""
+
+    DTYPE = torch.float32
+    SUFFIX = "f32"
 
 
 class PagedPrefillKernel:
@@ -332,21 +348,25 @@ class LayerOps:
     """bfloat16 elementwise steps of a Llama-family layer (csrc/layer_ops.c), each rounding
     where the torch code it replaces rounds."""
 
+    DTYPE = torch.bfloat16
+    SUFFIX = "bf16"
+
     def __init__(self, lib: ctypes.CDLL) -> None:
         i64, i32, ptr, f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
-        lib.splitserve_add_rms_norm_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, f32, i32]
-        lib.splitserve_rope_bf16.argtypes = [ptr, i64, i64, i32, i32, ptr, ptr, ptr, i32]
-        lib.splitserve_silu_mul_bf16.argtypes = [ptr, ptr, i64, i64, i32]
-        for fn in (lib.splitserve_add_rms_norm_bf16, lib.splitserve_rope_bf16,
-                   lib.splitserve_silu_mul_bf16):
+        fns = {op: getattr(lib, f"splitserve_{op}_{self.SUFFIX}")
+               for op in ("add_rms_norm", "rope", "silu_mul")}
+        fns["add_rms_norm"].argtypes = [ptr, ptr, ptr, ptr, i64, i64, f32, i32]
+        fns["rope"].argtypes = [ptr, i64, i64, i32, i32, ptr, ptr, ptr, i32]
+        fns["silu_mul"].argtypes = [ptr, ptr, i64, i64, i32]
+        for fn in fns.values():
             fn.restype = None
-        self._lib = lib
+        self._fns = fns
+        self._name = str(self.DTYPE).removeprefix("torch.")
 
-    @staticmethod
-    def _check(*tensors: torch.Tensor) -> None:
+    def _check(self, *tensors: torch.Tensor) -> None:
         for t in tensors:
-            if t.dtype != torch.bfloat16 or not t.is_contiguous():
-                raise ValueError("layer ops take contiguous bfloat16 tensors")
+            if t.dtype != self.DTYPE or not t.is_contiguous():
+                raise ValueError(f"layer ops take contiguous {self._name} tensors")
 
     def add_rms_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                      eps: float) -> torch.Tensor:
@@ -356,7 +376,7 @@ class LayerOps:
         if weight.shape != (H,) or (delta is not None and delta.shape != h.shape):
             raise ValueError("add_rms_norm: shapes differ")
         out = torch.empty_like(h)
-        self._lib.splitserve_add_rms_norm_bf16(
+        self._fns["add_rms_norm"](
             h.data_ptr(), delta.data_ptr() if delta is not None else None, weight.data_ptr(),
             out.data_ptr(), T, H, eps, torch.get_num_threads())
         return out
@@ -368,23 +388,30 @@ class LayerOps:
         tables (the caller checks, once a step)."""
         self._check(cos, sin)
         T = x.shape[0]
-        if (x.dtype != torch.bfloat16 or x.stride(1) != 1 or x.shape[1] < heads * head_dim
+        if (x.dtype != self.DTYPE or x.stride(1) != 1 or x.shape[1] < heads * head_dim
                 or cos.shape[1] != head_dim or head_dim % 2):
-            raise ValueError("rope_: x rows must hold the heads, in bfloat16")
+            raise ValueError(f"rope_: x rows must hold the heads, in {self._name}")
         if positions.dtype != torch.int64 or not positions.is_contiguous() or positions.shape != (T,):
             raise ValueError("rope_: positions must be contiguous int64, one per row")
-        self._lib.splitserve_rope_bf16(x.data_ptr(), T, x.stride(0), heads, head_dim,
-                                       positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                       torch.get_num_threads())
+        self._fns["rope"](x.data_ptr(), T, x.stride(0), heads, head_dim, positions.data_ptr(),
+                          cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
 
     def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
         """gu [T, 2I] (gate, up) → silu(gate) * up, [T, I]."""
         self._check(gu)
         T, two_i = gu.shape
         out = torch.empty(T, two_i // 2, dtype=gu.dtype)
-        self._lib.splitserve_silu_mul_bf16(gu.data_ptr(), out.data_ptr(), T, two_i // 2,
-                                           torch.get_num_threads())
+        self._fns["silu_mul"](gu.data_ptr(), out.data_ptr(), T, two_i // 2,
+                              torch.get_num_threads())
         return out
+
+
+class LayerOpsF32(LayerOps):
+    """The same steps in float32 (AVX2), each product and sum rounded where torch's float32
+    code rounds them: the float32 engine's, e.g. on a CPU without bfloat16 units."""
+
+    DTYPE = torch.float32
+    SUFFIX = "f32"
 
 
 def _cpu_signature() -> str:
@@ -469,27 +496,34 @@ def _vectorized(lib: ctypes.CDLL | None, name: str, needs: str = "AVX512-BF16") 
     return True
 
 
-def _kernel_loader(name: str, wrapper, needs: str = "AVX512-BF16"):
-    """load_<name>(): csrc/<name>.c wrapped, or None where it is not built with `needs`.
-    One wrapper per process (every Linear asks for the GEMM at load)."""
+def _kernel_loader(name: str, wrapper, needs: str = "AVX512-BF16", probe: str | None = None):
+    """load_<probe>(): csrc/<name>.c wrapped, or None where it is not built with `needs`
+    (the library's `splitserve_<probe>_available`; probe defaults to name: one library may
+    hold a bfloat16 and a float32 kernel, each with its probe). One wrapper per process
+    (every Linear asks for the GEMM at load)."""
+    probe = probe or name
 
     @functools.lru_cache(maxsize=1)
     def load():
         lib = load_library(name)
-        return wrapper(lib) if _vectorized(lib, name, needs) else None
+        return wrapper(lib) if _vectorized(lib, probe, needs) else None
 
-    load.__name__ = load.__qualname__ = f"load_{name}"
+    load.__name__ = load.__qualname__ = f"load_{probe}"
+    load.library, load.probe = name, probe
     return load
 
 
 load_paged_decode = _kernel_loader("paged_decode", PagedDecodeKernel)
+load_paged_decode_f32 = _kernel_loader("paged_decode", PagedDecodeKernelF32, "AVX2/FMA",
+                                       "paged_decode_f32")
 load_paged_prefill = _kernel_loader("paged_prefill", PagedPrefillKernel)
 load_small_gemm = _kernel_loader("small_gemm", SmallGemm)
 load_quant_gemm = _kernel_loader("quant_gemm", QuantGemm)
 load_quant_gemm_f32 = _kernel_loader("quant_gemm_f32", QuantGemmF32, "AVX2/FMA/F16C")
 load_layer_ops = _kernel_loader("layer_ops", LayerOps)
-_LOADERS = (load_paged_decode, load_paged_prefill, load_small_gemm, load_quant_gemm,
-            load_quant_gemm_f32, load_layer_ops)
+load_layer_ops_f32 = _kernel_loader("layer_ops", LayerOpsF32, "AVX2/FMA", "layer_ops_f32")
+_LOADERS = (load_paged_decode, load_paged_decode_f32, load_paged_prefill, load_small_gemm,
+            load_quant_gemm, load_quant_gemm_f32, load_layer_ops, load_layer_ops_f32)
 
 
 def clear_caches() -> None:

@@ -1,5 +1,5 @@
 """CPU attention: the torch backend with native kernels (`engine/native.py`) for a bfloat16
-cache:
+cache, and for a float32 cache's decodes:
 
 - decodes: the paged-decode kernel, which reads K and V straight from the paged cache (no
   gathered copy, V read once instead of once per query head) with blocks prefetched ahead.
@@ -29,8 +29,15 @@ cache:
   then the exponentials (~13%) and packing. `tests/engine/test_cpu_prefill_attention.py`
   checks it against float64 attention and the torch path.
 
+- float32 decodes (the float32 engine: parity tests, and `--dtype auto` on a CPU without
+  bfloat16 units): the same kernel with AVX2 FMAs over a float32 cache, 8 tokens scored at
+  a time. SmolLM2's cache, 30 layers a step, 2 threads, on an AVX2-only EPYC (Zen 3):
+  1 request at 512 tokens 11.6 → 2.7 ms a step, at 2,048 40.5 → 7.2 ms; 16 at 600
+  74 → 32 ms; 64 at 600 383 → 134 ms (~13 GB/s of the ~20 GB/s this VM reads).
+
 This step's k and v go into the cache in one native call a layer too. Without a C compiler
-or AVX512-BF16, or for a float32 cache (the parity tests' dtype), all take the torch path.
+or the instructions (AVX512-BF16 for a bfloat16 cache, AVX2 and FMA for float32), and for
+float32 prefill chunks, the torch path runs.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from __future__ import annotations
 import torch
 
 from .base import AttentionMetadata
-from ..native import load_paged_decode, load_paged_prefill
+from ..native import load_paged_decode, load_paged_decode_f32, load_paged_prefill
 from .torch_ref import TorchAttentionBackend
 
 
@@ -46,52 +53,56 @@ class CpuAttentionBackend(TorchAttentionBackend):
     name = "cpu"
 
     def __init__(self) -> None:
-        self.kernel = load_paged_decode()
+        #: The paged-decode kernel for each cache dtype it is built for here.
+        self.kernels = {dt: k for dt, k in ((torch.bfloat16, load_paged_decode()),
+                                            (torch.float32, load_paged_decode_f32()))
+                        if k is not None}
         self.prefill_kernel = load_paged_prefill()
+
+    def _decode_kernel(self, kv_cache: torch.Tensor):
+        """The paged-decode kernel for this cache (in CPU memory), or None."""
+        return self.kernels.get(kv_cache.dtype) if kv_cache.device.type == "cpu" else None
 
     def begin_step(self, meta, kv_cache, num_heads, num_kv_heads, head_dim) -> None:
         """Native decodes: the step's cache, tables and lengths checked once here (not once a
         layer); otherwise the torch backend's preparation."""
         if not meta.num_decodes:
             return
-        if not _runs(self.kernel, kv_cache):
+        kernel = self._decode_kernel(kv_cache)
+        if kernel is None:
             super().begin_step(meta, kv_cache, num_heads, num_kv_heads, head_dim)
             return
-        self.kernel.check_step(kv_cache, meta.decode_block_table, meta.decode_seq_lens,
-                               num_heads, head_dim)
+        kernel.check_step(kv_cache, meta.decode_block_table, meta.decode_seq_lens, num_heads,
+                          head_dim)
         meta.backend_state = _NATIVE
 
     def _write_cache(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                      kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
         """One native call for k and v (two indexed copies cost ~13 us of dispatch a layer,
         ~0.4 ms a decode step of SmolLM2)."""
-        if not _runs(self.kernel, kv_cache):
+        kernel = self._decode_kernel(kv_cache)
+        if kernel is None:
             super()._write_cache(layer, k, v, kv_cache, meta)
             return
-        self.kernel.write_kv(kv_cache, layer, k, v, meta.slot_block, meta.slot_offset)
+        kernel.write_kv(kv_cache, layer, k, v, meta.slot_block, meta.slot_offset)
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
                 meta: AttentionMetadata, nkv: int) -> torch.Tensor:
         if meta.backend_state is not _NATIVE:
             return super()._decode(q, kv_cache, layer, meta, nkv)
-        return self.kernel.run(q, kv_cache, layer, meta.decode_block_table,
-                               meta.decode_seq_lens, q.shape[-1] ** -0.5,
-                               torch.get_num_threads())
+        return self.kernels[kv_cache.dtype].run(q, kv_cache, layer, meta.decode_block_table,
+                                                meta.decode_seq_lens, q.shape[-1] ** -0.5,
+                                                torch.get_num_threads())
 
     def _prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  kv_cache: torch.Tensor, ctx: int, table: torch.Tensor,
                  out: torch.Tensor) -> None:
-        if not _runs(self.prefill_kernel, kv_cache):
+        if not (self.prefill_kernel is not None and kv_cache.dtype == torch.bfloat16
+                and kv_cache.device.type == "cpu"):
             super()._prefill(layer, q, k, v, kv_cache, ctx, table, out)
             return
         self.prefill_kernel(q, kv_cache, layer, table, ctx, q.shape[-1] ** -0.5, out,
                             torch.get_num_threads())
-
-
-def _runs(kernel, kv_cache: torch.Tensor) -> bool:
-    """Whether `kernel` (None where not built) serves this cache: bfloat16, in CPU memory."""
-    return (kernel is not None and kv_cache.dtype == torch.bfloat16
-            and kv_cache.device.type == "cpu")
 
 
 #: backend_state of a step whose decodes the kernel runs.

@@ -1,8 +1,10 @@
-/* Elementwise pieces of a Llama-family layer in bfloat16, one call each instead of several
- * torch ops (at decode, eager dispatch of ~40 small ops a layer costs about as much as the
- * arithmetic). Each rounds to bfloat16 where the torch code it replaces does, so the
- * results equal that code's up to float32 summation order (the RMS statistic).
- * Built and loaded by engine/native.py.
+/* Elementwise pieces of a Llama-family layer in bfloat16 and in float32, one call each
+ * instead of several torch ops (at decode, eager dispatch of ~40 small ops a layer costs
+ * about as much as the arithmetic). The bfloat16 ones round to bfloat16 where the torch
+ * code they replace does, so the results equal that code's up to float32 summation order
+ * (the RMS statistic); the float32 ones round each product and sum where torch does
+ * (no fused multiply-adds: see the pragma below), except that RMS sum and SiLU's
+ * exponential. Built and loaded by engine/native.py.
  */
 #include <math.h>
 #include <stdint.h>
@@ -127,3 +129,103 @@ void splitserve_silu_mul_bf16(const uint16_t *gu, uint16_t *out, int64_t T, int6
 }
 
 SPLITSERVE_BF16_PROBE(layer_ops)
+
+/* ---- float32 ------------------------------------------------------------------------- */
+
+/* GCC fuses a vector multiply and the add after it into one FMA (one rounding instead of
+ * torch's two) unless told not to. */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
+/* As splitserve_add_rms_norm_bf16 in float32: h += delta; out = weight * (h * r),
+ * r = 1 / sqrt(mean(h^2) + eps) (the torch code's order of multiplies). */
+void splitserve_add_rms_norm_f32(float *h, const float *delta, const float *weight, float *out,
+                                 int64_t T, int64_t H, float eps, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (num_threads > 1 && T * H >= PAR_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) {
+        float *row = h + t * H, *o = out + t * H;
+        const float *d = delta ? delta + t * H : 0;
+        int64_t i = 0;
+        float ss = 0.f;
+#if SPLITSERVE_F32_SIMD
+        __m256 acc = _mm256_setzero_ps();
+        for (; i + 8 <= H; i += 8) {
+            __m256 v = _mm256_loadu_ps(row + i);
+            if (d) {
+                v = _mm256_add_ps(v, _mm256_loadu_ps(d + i));
+                _mm256_storeu_ps(row + i, v);
+            }
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+        }
+        ss = hsum8_ps(acc);
+#endif
+        for (; i < H; i++) {
+            if (d) row[i] += d[i];
+            ss += row[i] * row[i];
+        }
+        const float r = 1.f / sqrtf(ss / (float)H + eps);
+        i = 0;
+#if SPLITSERVE_F32_SIMD
+        const __m256 vr = _mm256_set1_ps(r);
+        for (; i + 8 <= H; i += 8)
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_loadu_ps(weight + i),
+                                                  _mm256_mul_ps(_mm256_loadu_ps(row + i), vr)));
+#endif
+        for (; i < H; i++) o[i] = weight[i] * (row[i] * r);
+    }
+}
+
+/* As splitserve_rope_bf16 in float32: x = x * cos + rot(x) * sin, each product rounded. */
+void splitserve_rope_f32(float *x, int64_t T, int64_t x_stride, int heads, int d,
+                         const int64_t *positions, const float *cos, const float *sin,
+                         int num_threads) {
+    const int half = d / 2;
+#pragma omp parallel for num_threads(num_threads) if (num_threads > 1 && T * heads * d >= PAR_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos + positions[t] * d, *s = sin + positions[t] * d;
+        for (int hd = 0; hd < heads; hd++) {
+            float *v = x + t * x_stride + (int64_t)hd * d;
+            int i = 0;
+#if SPLITSERVE_F32_SIMD
+            for (; i + 8 <= half; i += 8) {
+                const __m256 x1 = _mm256_loadu_ps(v + i), x2 = _mm256_loadu_ps(v + i + half);
+                const __m256 nx2 = _mm256_sub_ps(_mm256_setzero_ps(), x2);
+                _mm256_storeu_ps(v + i, _mm256_add_ps(_mm256_mul_ps(x1, _mm256_loadu_ps(c + i)),
+                                                      _mm256_mul_ps(nx2, _mm256_loadu_ps(s + i))));
+                _mm256_storeu_ps(v + i + half,
+                                 _mm256_add_ps(_mm256_mul_ps(x2, _mm256_loadu_ps(c + i + half)),
+                                               _mm256_mul_ps(x1, _mm256_loadu_ps(s + i + half))));
+            }
+#endif
+            for (; i < half; i++) {
+                const float x1 = v[i], x2 = v[i + half];
+                v[i] = x1 * c[i] + -x2 * s[i];
+                v[i + half] = x2 * c[i + half] + x1 * s[i + half];
+            }
+        }
+    }
+}
+
+/* out = silu(gate) * up in float32, gate and up the two halves of each row of gu [T, 2I]. */
+void splitserve_silu_mul_f32(const float *gu, float *out, int64_t T, int64_t I,
+                             int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (num_threads > 1 && T * I >= PAR_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = gu + t * 2 * I, *u = g + I;
+        float *o = out + t * I;
+        int64_t i = 0;
+#if SPLITSERVE_F32_SIMD
+        for (; i + 8 <= I; i += 8) {
+            const __m256 x = _mm256_loadu_ps(g + i);
+            const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), x));
+            const __m256 act = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(act, _mm256_loadu_ps(u + i)));
+        }
+#endif
+        for (; i < I; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    }
+}
+
+#pragma GCC pop_options
+
+SPLITSERVE_F32_PROBE(layer_ops)

@@ -1,5 +1,5 @@
-/* Paged decode attention on CPU, bfloat16 cache: one query token per request, read
- * straight from the paged KV cache (no gathered copy), softmax in float32.
+/* Paged decode attention on CPU, bfloat16 or float32 cache: one query token per request,
+ * read straight from the paged KV cache (no gathered copy), softmax in float32.
  *
  * Built and loaded by engine/native.py (plain C, no Python or torch headers:
  * it is called through ctypes with tensor data pointers).
@@ -9,9 +9,11 @@
  * the offset from K to V inside a block, in elements.
  *
  * Per request (the unit split over OpenMP threads): every query head scores every cached
- * token in one pass over K (AVX512-BF16 dot products where the CPU has them), softmax over
- * those scores in float32, then one pass over V accumulates the weighted rows in float32,
- * each kv head's rows read once for its whole group of query heads.
+ * token in one pass over K (AVX512-BF16 dot products where the CPU has them; AVX2 FMAs for
+ * a float32 cache), softmax over those scores in float32, then one pass over V accumulates
+ * the weighted rows in float32, each kv head's rows read once for its whole group of query
+ * heads. The bfloat16 entry point is used where the CPU has AVX512-BF16, the float32 one
+ * where it has AVX2 and FMA (engine/native.py asks the probes at the end).
  */
 #include <math.h>
 #include <stdint.h>
@@ -45,7 +47,7 @@ static inline void pf_take(pf_cursor *c, int lines) {
 
 /* Point the cursor at stream block i of a part (K block i, or V block i - nblocks), after
  * prefetching what is left of the block it pointed at; past the stream's end: at nothing. */
-static inline void pf_seek(pf_cursor *c, const uint16_t *layer_k, const int64_t *table,
+static inline void pf_seek(pf_cursor *c, const char *layer_k, const int64_t *table,
                            int64_t stride, int64_t v_off, int64_t nblocks, int64_t i,
                            int64_t bytes) {
     pf_take(c, 1 << 30);
@@ -53,9 +55,8 @@ static inline void pf_seek(pf_cursor *c, const uint16_t *layer_k, const int64_t 
         c->p = c->end = 0;
         return;
     }
-    const uint16_t *b = i < nblocks ? layer_k + table[i] * stride
-                                    : layer_k + table[i - nblocks] * stride + v_off;
-    c->p = (const char *)b, c->end = c->p + bytes;
+    c->p = i < nblocks ? layer_k + table[i] * stride : layer_k + table[i - nblocks] * stride + v_off;
+    c->end = c->p + bytes;
 }
 
 /* s[:n] = e^(s - max) in place (not normalised); *max_out = max, returns the sum. */
@@ -66,6 +67,10 @@ static float exp_shifted(float *s, int64_t n, float *max_out) {
     __m512 vm = _mm512_set1_ps(-INFINITY);
     for (; t + 16 <= n; t += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(s + t));
     m = _mm512_reduce_max_ps(vm);
+#elif SPLITSERVE_F32_SIMD
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    for (; t + 8 <= n; t += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + t));
+    m = hmax8_ps(vm);
 #endif
     for (; t < n; t++) m = s[t] > m ? s[t] : m;
     t = 0;
@@ -77,6 +82,14 @@ static float exp_shifted(float *s, int64_t n, float *max_out) {
         vs = _mm512_add_ps(vs, e);
     }
     sum = _mm512_reduce_add_ps(vs);
+#elif SPLITSERVE_F32_SIMD
+    __m256 vs = _mm256_setzero_ps(), bm = _mm256_set1_ps(m);
+    for (; t + 8 <= n; t += 8) {
+        __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + t), bm));
+        _mm256_storeu_ps(s + t, e);
+        vs = _mm256_add_ps(vs, e);
+    }
+    sum = hsum8_ps(vs);
 #endif
     for (; t < n; t++) {
         s[t] = expf(s[t] - m);
@@ -205,6 +218,8 @@ static void decode_part(const uint16_t *q, const uint16_t *layer_k, int64_t bloc
     const int64_t len = t_end - t_begin;
     const int64_t tok = (int64_t)nkv * d, blk_bytes = (int64_t)bs * tok * 2;
     const int64_t nblocks = (len + bs - 1) / bs;
+    const char *kb = (const char *)layer_k; /* the prefetch cursor counts bytes */
+    const int64_t sb = block_stride * 2, vb = v_off * 2;
     /* The softmax scale is folded into q (and q rounded back to bf16 for the bf16 dot
      * products, as a bf16 GEMM over the scaled q would see it). */
     for (int i = 0; i < nh * d; i++) {
@@ -215,10 +230,10 @@ static void decode_part(const uint16_t *q, const uint16_t *layer_k, int64_t bloc
     const int blk_lines = (int)((blk_bytes + 63) / 64);
     pf_cursor pc = {0, 0};
     for (int64_t i = 0; i < PREFETCH_BLOCKS; i++)
-        pf_seek(&pc, layer_k, table, block_stride, v_off, nblocks, i, blk_bytes);
+        pf_seek(&pc, kb, table, sb, vb, nblocks, i, blk_bytes);
     for (int64_t b = 0; b < nblocks; b++) {
         const uint16_t *k = layer_k + table[b] * block_stride;
-        pf_seek(&pc, layer_k, table, block_stride, v_off, nblocks, b + PREFETCH_BLOCKS, blk_bytes);
+        pf_seek(&pc, kb, table, sb, vb, nblocks, b + PREFETCH_BLOCKS, blk_bytes);
         int64_t t0 = b * bs;
         int n = (int)(len - t0 < bs ? len - t0 : bs);
 #if defined(__AVX512BF16__)
@@ -261,7 +276,7 @@ static void decode_part(const uint16_t *q, const uint16_t *layer_k, int64_t bloc
     memset(acc, 0, sizeof(float) * nh * d);
     for (int64_t b = 0; b < nblocks; b++) {
         const uint16_t *v = layer_k + table[b] * block_stride + v_off;
-        pf_seek(&pc, layer_k, table, block_stride, v_off, nblocks, nblocks + b + PREFETCH_BLOCKS,
+        pf_seek(&pc, kb, table, sb, vb, nblocks, nblocks + b + PREFETCH_BLOCKS,
                 blk_bytes);
         int64_t t0 = b * bs;
         int n = (int)(len - t0 < bs ? len - t0 : bs);
@@ -272,11 +287,157 @@ static void decode_part(const uint16_t *q, const uint16_t *layer_k, int64_t bloc
     }
 }
 
-/* out (bf16, nh * d) = the softmax-weighted V of a request from its parts' states (m, l:
+/* ---- float32 cache ------------------------------------------------------------------ */
+
+#if SPLITSERVE_F32_SIMD
+/* The 8 lane sums of a[0..7] as the 8 lanes of one vector (two rounds of hadd, then the
+ * two 128-bit halves added). */
+static inline __m256 hsum8x8_ps(const __m256 *a) {
+    const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20),
+                         _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+/* scores16 for a float32 cache, 8 tokens at a time (all 8 rows inside the block, the first
+ * m real): one FMA accumulator a token, summed 8 at a time by hsum8x8_ps. */
+static void scores8_f32(const float *k, int64_t tok, const float *q, int g, int d, float *s,
+                        int64_t s_stride, int m, pf_cursor *pc, int share) {
+    for (int j = 0; j < g; j++) {
+        pf_take(pc, share);
+        __m256 a[8];
+#pragma GCC unroll 8
+        for (int t = 0; t < 8; t++) a[t] = _mm256_setzero_ps();
+        for (int c = 0; c < d; c += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + j * d + c);
+#pragma GCC unroll 8
+            for (int t = 0; t < 8; t++)
+                a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(k + t * tok + c), qv, a[t]);
+        }
+        const __m256 r = hsum8x8_ps(a);
+        if (m >= 8) {
+            _mm256_storeu_ps(s + j * s_stride, r);
+        } else {
+            float tmp[8];
+            _mm256_storeu_ps(tmp, r);
+            memcpy(s + j * s_stride, tmp, sizeof(float) * m);
+        }
+    }
+}
+
+/* accumulate_head for a float32 cache with head_dim a multiple of 16 and G <= 6 query
+ * heads a kv head: 16 columns at a time, the G x 2 accumulators in registers (all 64 of
+ * a head would need 8 G of AVX2's 16). */
+static inline __attribute__((always_inline)) void accumulate16_f32(
+    const float *v, int64_t stride, int n, const float *p, int64_t p_stride, const int G,
+    int d, float *acc, pf_cursor *pc, int share) {
+    for (int c = 0; c < d; c += 16) {
+        __m256 a[6][2];
+#pragma GCC unroll 6
+        for (int j = 0; j < G; j++)
+            a[j][0] = _mm256_loadu_ps(acc + j * d + c), a[j][1] = _mm256_loadu_ps(acc + j * d + c + 8);
+        for (int t = 0; t < n; t++) {
+            if (c == 0) pf_take(pc, share);
+            const __m256 r0 = _mm256_loadu_ps(v + t * stride + c),
+                         r1 = _mm256_loadu_ps(v + t * stride + c + 8);
+#pragma GCC unroll 6
+            for (int j = 0; j < G; j++) {
+                const __m256 w = _mm256_broadcast_ss(p + j * p_stride + t);
+                a[j][0] = _mm256_fmadd_ps(w, r0, a[j][0]);
+                a[j][1] = _mm256_fmadd_ps(w, r1, a[j][1]);
+            }
+        }
+#pragma GCC unroll 6
+        for (int j = 0; j < G; j++)
+            _mm256_storeu_ps(acc + j * d + c, a[j][0]), _mm256_storeu_ps(acc + j * d + c + 8, a[j][1]);
+    }
+}
+#endif
+
+static void accumulate_head_f32(const float *v, int64_t stride, int n, const float *p,
+                                int64_t p_stride, int g, int d, float *acc, pf_cursor *pc,
+                                int share) {
+#if SPLITSERVE_F32_SIMD
+    if (d % 16 == 0) {
+        switch (g) {
+        case 1: accumulate16_f32(v, stride, n, p, p_stride, 1, d, acc, pc, share); return;
+        case 2: accumulate16_f32(v, stride, n, p, p_stride, 2, d, acc, pc, share); return;
+        case 3: accumulate16_f32(v, stride, n, p, p_stride, 3, d, acc, pc, share); return;
+        case 4: accumulate16_f32(v, stride, n, p, p_stride, 4, d, acc, pc, share); return;
+        case 5: accumulate16_f32(v, stride, n, p, p_stride, 5, d, acc, pc, share); return;
+        case 6: accumulate16_f32(v, stride, n, p, p_stride, 6, d, acc, pc, share); return;
+        default: break;
+        }
+    }
+#endif
+    for (int t = 0; t < n; t++)
+        for (int j = 0; j < g; j++) {
+            const float w = p[j * p_stride + t];
+            for (int c = 0; c < d; c++) acc[j * d + c] += w * v[t * stride + c];
+        }
+}
+
+/* decode_part for a float32 cache (q float32; no bf16 copy of q). */
+static void decode_part_f32(const float *q, const float *layer_k, int64_t block_stride,
+                            int64_t v_off, const int64_t *table, int64_t t_begin, int64_t t_end,
+                            int nkv, int g, int d, int bs, float scale, float *s, float *qf,
+                            float *m, float *l, float *acc) {
+    const int nh = nkv * g;
+    table += t_begin / bs;
+    const int64_t len = t_end - t_begin;
+    const int64_t tok = (int64_t)nkv * d, blk_bytes = (int64_t)bs * tok * 4;
+    const int64_t nblocks = (len + bs - 1) / bs;
+    const char *kb = (const char *)layer_k;
+    const int64_t sb = block_stride * 4, vb = v_off * 4;
+    for (int i = 0; i < nh * d; i++) qf[i] = q[i] * scale;
+    const int blk_lines = (int)((blk_bytes + 63) / 64);
+    pf_cursor pc = {0, 0};
+    for (int64_t i = 0; i < PREFETCH_BLOCKS; i++)
+        pf_seek(&pc, kb, table, sb, vb, nblocks, i, blk_bytes);
+    for (int64_t b = 0; b < nblocks; b++) {
+        const float *k = layer_k + table[b] * block_stride;
+        pf_seek(&pc, kb, table, sb, vb, nblocks, b + PREFETCH_BLOCKS, blk_bytes);
+        const int64_t t0 = b * bs;
+        const int n = (int)(len - t0 < bs ? len - t0 : bs);
+#if SPLITSERVE_F32_SIMD
+        if (d % 8 == 0 && bs % 8 == 0) {
+            const int calls = (bs / 8) * nkv * g, k_share = (blk_lines + calls - 1) / calls;
+            for (int tt = 0; tt < n; tt += 8)
+                for (int h = 0; h < nkv; h++)
+                    scores8_f32(k + tt * tok + h * d, tok, qf + (int64_t)h * g * d, g, d,
+                                s + (int64_t)h * g * len + t0 + tt, len, n - tt, &pc, k_share);
+            continue;
+        }
+#endif
+        for (int t = 0; t < n; t++)
+            for (int qh = 0; qh < nh; qh++) {
+                const float *row = k + t * tok + (qh / g) * d;
+                float dot = 0.f;
+                for (int c = 0; c < d; c++) dot += qf[qh * d + c] * row[c];
+                s[qh * len + t0 + t] = dot;
+            }
+    }
+    for (int qh = 0; qh < nh; qh++) l[qh] = exp_shifted(s + qh * len, len, &m[qh]);
+    memset(acc, 0, sizeof(float) * nh * d);
+    for (int64_t b = 0; b < nblocks; b++) {
+        const float *v = layer_k + table[b] * block_stride + v_off;
+        pf_seek(&pc, kb, table, sb, vb, nblocks, nblocks + b + PREFETCH_BLOCKS, blk_bytes);
+        const int64_t t0 = b * bs;
+        const int n = (int)(len - t0 < bs ? len - t0 : bs);
+        const int v_share = (blk_lines + n * nkv - 1) / (n * nkv);
+        for (int h = 0; h < nkv; h++)
+            accumulate_head_f32(v + h * d, tok, n, s + (int64_t)h * g * len + t0, len, g, d,
+                                acc + h * g * d, &pc, v_share);
+    }
+}
+
+/* ---- both caches ---------------------------------------------------------------------- */
+
+/* out (nh * d, bf16 or float32) = the softmax-weighted V of a request from its parts' states (m, l:
  * nh floats, acc: nh * d floats, each `part_stride` floats apart), rescaled to the largest
  * maximum. */
 static void merge_parts(const float *state, int64_t part_stride, int parts, int nh, int d,
-                        uint16_t *out) {
+                        void *out, int f32) {
     for (int qh = 0; qh < nh; qh++) {
         float big = -INFINITY, total = 0.f;
         for (int p = 0; p < parts; p++) {
@@ -293,24 +454,27 @@ static void merge_parts(const float *state, int64_t part_stride, int parts, int 
             float v = 0.f;
             for (int p = 0; p < parts; p++)
                 v += w[p] * state[p * part_stride + 2 * nh + (int64_t)qh * d + c];
-            out[(int64_t)qh * d + c] = f32_to_bf16(v / total);
+            if (f32)
+                ((float *)out)[(int64_t)qh * d + c] = v / total;
+            else
+                ((uint16_t *)out)[(int64_t)qh * d + c] = f32_to_bf16(v / total);
         }
     }
 }
 
-/* q: [D, nkv * g, d] bf16, request r's heads at q + r * q_stride, contiguous (query head j
- * of kv head h is h * g + j, HF's grouping); out: [D, nkv * g, d] contiguous bf16.
+/* q: [D, nkv * g, d] in the cache's type (bf16, or float32 when f32), request r's heads at
+ * q + r * q_stride elements, contiguous (query head j of kv head h is h * g + j, HF's
+ * grouping); out: [D, nkv * g, d] contiguous, same type; strides in elements.
  * tables: [D, max_blocks] int64; seq_lens: [D] int64 (tokens incl. this one).
  * Requests are the units split over threads; with fewer requests than threads each is cut
  * into runs of blocks (one a thread, flash-decoding style) whose softmax states merge at
  * the end, so batch-1 decode uses every thread. (Splitting by kv head instead measured
  * slower: each thread then reads a third of every token's row, and DRAM reads whole lines.)
  * Returns 0, -1 when a shape is out of range, -2 when memory runs out. */
-int splitserve_paged_decode_bf16(const uint16_t *q, int64_t q_stride, uint16_t *out,
-                                 const uint16_t *layer_k, int64_t block_stride, int64_t v_off,
-                                 const int64_t *tables, int64_t max_blocks,
-                                 const int64_t *seq_lens, int D, int nkv, int g, int d, int bs,
-                                 float scale, int num_threads) {
+static int paged_decode(const void *q, int64_t q_stride, void *out, const void *layer_k,
+                        int64_t block_stride, int64_t v_off, const int64_t *tables,
+                        int64_t max_blocks, const int64_t *seq_lens, int D, int nkv, int g, int d,
+                        int bs, float scale, int num_threads, int f32) {
     if (D < 0 || g < 1 || nkv < 1 || d < 1 || bs < 1 || max_blocks < 1) return -1;
     int64_t max_len = 0;
     for (int r = 0; r < D; r++) {
@@ -345,39 +509,66 @@ int splitserve_paged_decode_bf16(const uint16_t *q, int64_t q_stride, uint16_t *
                 memset(st + 2 * nh, 0, sizeof(float) * nh * d);
                 continue;
             }
-            decode_part(q + r * q_stride, layer_k, block_stride, v_off,
-                        tables + (int64_t)r * max_blocks, t0, t1, nkv, g, d, bs, scale, s, qf,
-                        (uint16_t *)(qf + nh * d), st, st + nh, st + 2 * nh);
+            const int64_t *table = tables + (int64_t)r * max_blocks;
+            if (f32)
+                decode_part_f32((const float *)q + r * q_stride, layer_k, block_stride, v_off,
+                                table, t0, t1, nkv, g, d, bs, scale, s, qf, st, st + nh,
+                                st + 2 * nh);
+            else
+                decode_part((const uint16_t *)q + r * q_stride, layer_k, block_stride, v_off,
+                            table, t0, t1, nkv, g, d, bs, scale, s, qf,
+                            (uint16_t *)(qf + nh * d), st, st + nh, st + 2 * nh);
         }
 #pragma omp for
         for (int r = 0; r < D; r++)
             merge_parts(state + (int64_t)r * parts * part_stride, part_stride, parts, (int)nh, d,
-                        out + r * nh * d);
+                        (char *)out + r * nh * d * (f32 ? 4 : 2), f32);
         free(s);
     }
     free(state);
     return failed ? -2 : 0;
 }
 
+int splitserve_paged_decode_bf16(const uint16_t *q, int64_t q_stride, uint16_t *out,
+                                 const uint16_t *layer_k, int64_t block_stride, int64_t v_off,
+                                 const int64_t *tables, int64_t max_blocks,
+                                 const int64_t *seq_lens, int D, int nkv, int g, int d, int bs,
+                                 float scale, int num_threads) {
+    return paged_decode(q, q_stride, out, layer_k, block_stride, v_off, tables, max_blocks,
+                        seq_lens, D, nkv, g, d, bs, scale, num_threads, 0);
+}
+
+int splitserve_paged_decode_f32(const float *q, int64_t q_stride, float *out,
+                                const float *layer_k, int64_t block_stride, int64_t v_off,
+                                const int64_t *tables, int64_t max_blocks,
+                                const int64_t *seq_lens, int D, int nkv, int g, int d, int bs,
+                                float scale, int num_threads) {
+    return paged_decode(q, q_stride, out, layer_k, block_stride, v_off, tables, max_blocks,
+                        seq_lens, D, nkv, g, d, bs, scale, num_threads, 1);
+}
+
 SPLITSERVE_BF16_PROBE(paged_decode)
+SPLITSERVE_F32_PROBE(paged_decode)
 
 /* This step's k and v rows into the cache: token t's kv heads go to block slot_block[t],
  * row slot_offset[t] of the layer (layer_k: the layer's K of block 0; V is v_off further).
- * k, v rows: nkv * d bf16 each, k_stride / v_stride apart. One call instead of two
- * indexed copies a layer (~13 us of torch dispatch at decode). Returns 0, or -1 (nothing
- * written) when a slot is outside the cache. */
-int splitserve_write_kv_bf16(uint16_t *layer_k, int64_t block_stride, int64_t v_off,
-                             int64_t num_blocks, int bs, const uint16_t *k, int64_t k_stride,
-                             const uint16_t *v, int64_t v_stride, const int64_t *slot_block,
-                             const int64_t *slot_offset, int64_t T, int64_t row) {
+ * k, v rows: `row` elements of `elem` bytes each (2: bf16, 4: float32), k_stride /
+ * v_stride elements apart; strides in elements. One call instead of two indexed copies a
+ * layer (~13 us of torch dispatch at decode). Returns 0, or -1 (nothing written) when a
+ * slot is outside the cache. */
+int splitserve_write_kv(void *layer_k, int64_t block_stride, int64_t v_off, int64_t num_blocks,
+                        int bs, const void *k, int64_t k_stride, const void *v, int64_t v_stride,
+                        const int64_t *slot_block, const int64_t *slot_offset, int64_t T,
+                        int64_t row, int elem) {
     for (int64_t t = 0; t < T; t++)
         if (slot_block[t] < 0 || slot_block[t] >= num_blocks || slot_offset[t] < 0 ||
             slot_offset[t] >= bs)
             return -1;
+    char *base = layer_k;
     for (int64_t t = 0; t < T; t++) {
-        uint16_t *dst = layer_k + slot_block[t] * block_stride + slot_offset[t] * row;
-        memcpy(dst, k + t * k_stride, sizeof(uint16_t) * row);
-        memcpy(dst + v_off, v + t * v_stride, sizeof(uint16_t) * row);
+        char *dst = base + (slot_block[t] * block_stride + slot_offset[t] * row) * elem;
+        memcpy(dst, (const char *)k + t * k_stride * elem, (size_t)(row * elem));
+        memcpy(dst + v_off * elem, (const char *)v + t * v_stride * elem, (size_t)(row * elem));
     }
     return 0;
 }

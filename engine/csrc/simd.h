@@ -1,4 +1,5 @@
-/* AVX-512 helpers for the engine's C kernels (each guarded: the kernels keep scalar paths). */
+/* AVX-512 and AVX2 helpers for the engine's C kernels (each guarded: the kernels keep
+ * scalar paths). */
 #ifndef SPLITSERVE_SIMD_H
 #define SPLITSERVE_SIMD_H
 
@@ -44,6 +45,45 @@ static inline __m512 round_bf16x16(__m512 v) {
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+/* The float32 paths of the kernels (AVX2 + FMA: every x86-64 CPU since ~2013). */
+#define SPLITSERVE_F32_SIMD 1
+
+/* e^x as exp_avx512, 8 lanes (x clamped to [-87, 88]; 2^n built in the exponent bits). */
+static inline __m256 exp_avx2(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+    __m256 p = _mm256_set1_ps(1.f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static inline float hsum8_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline float hmax8_ps(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+#else
+#define SPLITSERVE_F32_SIMD 0
+#endif
+
 /* int splitserve_<name>_available(void): 1 when the library was built with AVX512-BF16.
  * Without it the scalar paths lose to torch's vectorised ops, and engine/native.py does not
  * use the library. */
@@ -54,5 +94,10 @@ static inline __m512 round_bf16x16(__m512 v) {
 #define SPLITSERVE_BF16_PROBE(name) \
     int splitserve_##name##_available(void) { return 0; }
 #endif
+
+/* int splitserve_<name>_f32_available(void): 1 when the library's float32 paths were built
+ * with AVX2 and FMA (engine/native.py uses them only then). */
+#define SPLITSERVE_F32_PROBE(name) \
+    int splitserve_##name##_f32_available(void) { return SPLITSERVE_F32_SIMD; }
 
 #endif

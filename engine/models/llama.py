@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..attention.base import AttentionBackend, AttentionMetadata
 from ..config import ModelConfig
-from ..native import load_layer_ops, load_small_gemm
+from ..native import load_layer_ops, load_layer_ops_f32, load_small_gemm
 from ..quant import Q4_1Weight, Q8_0Weight, QuantLinear
 from .rope import RotaryEmbedding
 
@@ -93,9 +93,9 @@ class LlamaForCausalLM:
         #: "dense" (every weight in dtype) or "quantized" (GGUF Q4_1 / Q8_0 matrices kept so
         #: for small steps, engine/quant.py).
         self.weight_format = "dense"
-        #: On CPU in bfloat16, the layer's elementwise steps as native calls (or None).
-        self.ops = (load_layer_ops() if device.type == "cpu" and dtype == torch.bfloat16
-                    else None)
+        #: On CPU, the layer's elementwise steps as native calls (or None where not built).
+        loader = {torch.bfloat16: load_layer_ops, torch.float32: load_layer_ops_f32}.get(dtype)
+        self.ops = loader() if device.type == "cpu" and loader is not None else None
 
     def load_weights(self, sd: dict[str, torch.Tensor]) -> None:
         """Take HF-named tensors; fuses and casts them. Raises KeyError naming a missing one."""
@@ -197,8 +197,8 @@ class LlamaForCausalLM:
 
     def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None,
                   weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual stream plus `delta`, and its RMSNorm (one native call in bf16 on CPU,
-        which updates h in place)."""
+        """The residual stream plus `delta`, and its RMSNorm (one native call on CPU, which
+        updates h in place)."""
         if self.ops is not None:
             return h, self.ops.add_rms_norm(h, delta, weight, self.cfg.rms_norm_eps)
         if delta is not None:
