@@ -4,7 +4,8 @@ cached, loaded with ctypes.
 - `paged_decode.c`: decode attention over the paged bfloat16 cache (`load_paged_decode`),
   and over a float32 cache on any AVX2 CPU (`load_paged_decode_f32`);
 - `paged_prefill.c`: causal attention of a prefill chunk over the paged bfloat16 cache,
-  flash-attention style (`load_paged_prefill`);
+  flash-attention style (`load_paged_prefill`), and over a float32 cache on any AVX2 CPU
+  (`load_paged_prefill_f32`);
 - `small_gemm.c`: bfloat16 linear layers for few rows, on weights packed at load
   (`load_small_gemm`);
 - `quant_gemm.c`: linear layers for few rows straight from GGUF Q4_1 / Q8_0 weights kept
@@ -160,8 +161,12 @@ class PagedPrefillKernel:
     [num_blocks, layers, 2, block_size, kv_heads, head_dim], every one of the chunk's
     context tokens (its own included) already written."""
 
+    DTYPE = torch.bfloat16
+    SUFFIX = "bf16"
+
     def __init__(self, lib: ctypes.CDLL) -> None:
-        fn = lib.splitserve_paged_prefill_bf16
+        self._name = str(self.DTYPE).removeprefix("torch.")
+        fn = getattr(lib, f"splitserve_paged_prefill_{self.SUFFIX}")
         i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
         fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, i64, i32, i32,
                        i32, i32, ctypes.c_float, i32]
@@ -171,7 +176,7 @@ class PagedPrefillKernel:
     def __call__(self, q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
                  block_table: torch.Tensor, ctx: int, scale: float,
                  out: torch.Tensor | None = None, num_threads: int = 1) -> torch.Tensor:
-        """q [q_len, heads, head_dim] bfloat16, each row's heads contiguous (any row stride),
+        """q [q_len, heads, head_dim] in DTYPE, each row's heads contiguous (any row stride),
         at positions ctx - q_len .. ctx - 1; block_table: the chunk's block ids, contiguous
         int64, covering ctx tokens. Query head j of kv head h is h * g + j (HF's grouping).
         Writes and returns `out` (same shape and inner layout as q; a new tensor if None)."""
@@ -180,8 +185,8 @@ class PagedPrefillKernel:
                              "cache [blocks, layers, 2, block_size, kv_heads, head_dim]")
         q_len, nh, d = q.shape
         num_blocks, layers, two, bs, nkv, hd = kv_cache.shape
-        if q.dtype != torch.bfloat16 or kv_cache.dtype != torch.bfloat16:
-            raise ValueError("the paged-prefill kernel takes bfloat16 q and cache")
+        if q.dtype != self.DTYPE or kv_cache.dtype != self.DTYPE:
+            raise ValueError(f"the paged-prefill kernel takes {self._name} q and cache")
         if {t.device.type for t in (q, kv_cache, block_table)} != {"cpu"}:
             raise ValueError("the paged-prefill kernel takes CPU tensors")
         if hd != d or two != 2 or nh % nkv:
@@ -201,11 +206,11 @@ class PagedPrefillKernel:
                              f"table ({block_table.shape[0]} blocks of {bs}) or shorter than "
                              f"the chunk ({q_len})")
         if out is None:
-            out = torch.empty(q_len, nh, d, dtype=torch.bfloat16)
-        elif (out.shape != q.shape or out.dtype != torch.bfloat16 or out.stride(2) != 1
+            out = torch.empty(q_len, nh, d, dtype=self.DTYPE)
+        elif (out.shape != q.shape or out.dtype != self.DTYPE or out.stride(2) != 1
               or out.stride(1) != d or out.device.type != "cpu"):
-            raise ValueError("the paged-prefill kernel writes bfloat16 rows shaped as q's, "
-                             "heads contiguous")
+            raise ValueError(f"the paged-prefill kernel writes {self._name} rows shaped as "
+                             f"q's, heads contiguous")
         layer_k = _layer_ptr(kv_cache, layer)
         rc = self._fn(q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0), layer_k,
                       kv_cache.stride(0), kv_cache.stride(2), block_table.data_ptr(),
@@ -218,6 +223,13 @@ class PagedPrefillKernel:
         if rc != 0:
             raise ValueError("paged-prefill kernel refused its shapes")
         return out
+
+
+class PagedPrefillKernelF32(PagedPrefillKernel):
+    """The same for a float32 cache (AVX2 and FMA): the float32 engine's prefill chunks."""
+
+    DTYPE = torch.float32
+    SUFFIX = "f32"
 
 
 class SmallGemm:
@@ -517,13 +529,16 @@ load_paged_decode = _kernel_loader("paged_decode", PagedDecodeKernel)
 load_paged_decode_f32 = _kernel_loader("paged_decode", PagedDecodeKernelF32, "AVX2/FMA",
                                        "paged_decode_f32")
 load_paged_prefill = _kernel_loader("paged_prefill", PagedPrefillKernel)
+load_paged_prefill_f32 = _kernel_loader("paged_prefill", PagedPrefillKernelF32, "AVX2/FMA",
+                                        "paged_prefill_f32")
 load_small_gemm = _kernel_loader("small_gemm", SmallGemm)
 load_quant_gemm = _kernel_loader("quant_gemm", QuantGemm)
 load_quant_gemm_f32 = _kernel_loader("quant_gemm_f32", QuantGemmF32, "AVX2/FMA/F16C")
 load_layer_ops = _kernel_loader("layer_ops", LayerOps)
 load_layer_ops_f32 = _kernel_loader("layer_ops", LayerOpsF32, "AVX2/FMA", "layer_ops_f32")
-_LOADERS = (load_paged_decode, load_paged_decode_f32, load_paged_prefill, load_small_gemm,
-            load_quant_gemm, load_quant_gemm_f32, load_layer_ops, load_layer_ops_f32)
+_LOADERS = (load_paged_decode, load_paged_decode_f32, load_paged_prefill,
+            load_paged_prefill_f32, load_small_gemm, load_quant_gemm, load_quant_gemm_f32,
+            load_layer_ops, load_layer_ops_f32)
 
 
 def clear_caches() -> None:

@@ -1,6 +1,7 @@
-/* Paged prefill attention on CPU, bfloat16 cache: one prefill chunk of one layer, causal,
- * K and V read straight from the paged KV cache (no gathered copy), flash-attention style
- * (online softmax in float32, no [q_len, ctx] score matrix).
+/* Paged prefill attention on CPU, bfloat16 cache (float32: see "float32 cache" below): one
+ * prefill chunk of one layer, causal, K and V read straight from the paged KV cache (no
+ * gathered copy), flash-attention style (online softmax in float32, no [q_len, ctx] score
+ * matrix).
  *
  * Built and loaded by engine/native.py (plain C, no Python or torch headers: it is called
  * through ctypes with tensor data pointers).
@@ -63,6 +64,8 @@ typedef struct {
     uint16_t *out;
     int64_t out_stride;
     const uint16_t *layer_k;
+    const float *qf, *layer_kf; /* the same for a float32 cache (then q, out, layer_k unused) */
+    float *outf;
     int64_t block_stride, v_off;
     const int64_t *table;
     int64_t q_len, ctx;
@@ -417,35 +420,285 @@ static void *vec_scratch_alloc(vec_scratch *w, int M, int d) {
 }
 #endif
 
-/* q: [q_len, nkv * g, d] bf16, row i at q + i * q_stride, its heads contiguous (query head
- * j of kv head h is h * g + j, HF's grouping); out: the same shape, row i at
- * out + i * out_stride. Query i sits at position ctx - q_len + i and sees keys 0 .. its
- * position. table: the chunk's block ids (table_len of them, each below num_blocks).
+/* ---- float32 cache ------------------------------------------------------------------ */
+
+static inline const float *key_row_f32(const prefill_args *a, int h, int64_t t) {
+    return a->layer_kf + a->table[t / a->bs] * a->block_stride +
+           (t % a->bs) * (int64_t)a->nkv * a->d + (int64_t)h * a->d;
+}
+
+/* tile_scalar for a float32 cache. */
+static void tile_scalar_f32(const prefill_args *a, int h, int64_t i0, float *s, float *acc) {
+    const int g = a->g, d = a->d;
+    const int64_t start = a->ctx - a->q_len;
+    const int64_t nq = a->q_len - i0 < a->bq ? a->q_len - i0 : a->bq;
+    for (int64_t p = 0; p < nq; p++) {
+        const int64_t pos = start + i0 + p;
+        for (int j = 0; j < g; j++) {
+            const float *q = a->qf + (i0 + p) * a->q_stride + (int64_t)(h * g + j) * d;
+            float m = -INFINITY, sum = 0.f;
+            for (int64_t t = 0; t <= pos; t++) {
+                const float *k = key_row_f32(a, h, t);
+                float dot = 0.f;
+                for (int c = 0; c < d; c++) dot += q[c] * k[c];
+                s[t] = dot * a->scale;
+                m = s[t] > m ? s[t] : m;
+            }
+            memset(acc, 0, sizeof(float) * d);
+            for (int64_t t = 0; t <= pos; t++) {
+                const float w = expf(s[t] - m);
+                const float *v = key_row_f32(a, h, t) + a->v_off;
+                sum += w;
+                for (int c = 0; c < d; c++) acc[c] += w * v[c];
+            }
+            float *o = a->outf + (i0 + p) * a->out_stride + (int64_t)(h * g + j) * d;
+            for (int c = 0; c < d; c++) o[c] = acc[c] / sum;
+        }
+    }
+}
+
+#if SPLITSERVE_F32_SIMD
+/* The float32 vector path (AVX2 + FMA), the bf16 one's plan in 8-lane vectors: a tile is
+ * one kv head x bq query positions, its M = g x bq rows (query heads x positions, row
+ * r = j * bq + p) the lanes of MP / 8 row vectors, M ~ F32_ROWS.
+ *   S^T = K Q^T: Q packed once a tile as [d][MP]; each K value broadcast straight from the
+ *     cache; F32_KEYS keys x 3 row vectors = 12 accumulators (AVX2 has 16 registers);
+ *   online softmax lane-wise in float32 (scale on the scores, as torch's SDPA), masked
+ *     scores exactly 0 after the exponential;
+ *   O = O * alpha + P V: [M][d] accumulators in scratch, PV_RB rows x 8 PV_CV columns in
+ *     registers at a time, V rows read straight from the cache, P values broadcast.
+ * One layer of a SmolLM2 prompt (9 heads over 3 kv heads, head_dim 64) against torch's
+ * SDPA on an AVX2-only EPYC (Zen 3), best of 4, 1 / 2 threads: 512 tokens 1.7x / 2.3x,
+ * 1,024 1.3x / 1.2x, 2,048 1.2x / 1.3x (~35-40 GFLOPS a thread; the host is noisy). The
+ * two FMA loops are load-bound (each FMA takes a Q vector from L1), then the
+ * exponentials. */
+#define F32_ROWS 48 /* rows a tile aims at (24: slower from ~1k tokens, more K/V re-reads) */
+#define F32_KEYS 4  /* keys per S^T register block (x up to 3 row vectors = 12 accumulators) */
+#define PV_RB 4     /* rows per O register block ... */
+#define PV_CV 2     /* ... x vectors of 8 columns (3 x 4 spilled registers: slower) */
+/* A masked score (finite: the running max never meets inf - inf); its weight is set to 0. */
+#define F32_MASKED (-1e30f)
+
+typedef struct {
+    float *qp;            /* [d][MP] Q^T */
+    float *s;             /* [BK][MP] scores, then P */
+    float *o;             /* [M][d] output accumulators */
+    float *m, *l, *alpha; /* [MP] running max, running sum, this tile's rescale */
+    int32_t *qpos;        /* [MP] row positions relative to the tile's first */
+    const float **krow;   /* [BK + F32_KEYS] K rows of the key tile (then a zero row) */
+    float *zero;          /* d zeros */
+} f32_scratch;
+
+static void *f32_scratch_alloc(f32_scratch *w, int M, int d) {
+    const int MP = (M + 7) / 8 * 8;
+    const size_t floats = (size_t)d * MP + (size_t)BK * MP + (size_t)M * d + 3 * (size_t)MP + d;
+    const size_t bytes = sizeof(float) * floats + sizeof(int32_t) * MP +
+                         sizeof(float *) * (BK + F32_KEYS) + 64 * 9;
+    char *base = aligned_alloc(64, (bytes + 63) / 64 * 64), *p = base;
+    if (!base) return NULL;
+#define TAKE(field, type, count)                                                                  \
+    do {                                                                                          \
+        w->field = (type)p;                                                                       \
+        p += ((size_t)(count) + 63) / 64 * 64;                                                   \
+    } while (0)
+    TAKE(qp, float *, sizeof(float) * (size_t)d * MP);
+    TAKE(s, float *, sizeof(float) * (size_t)BK * MP);
+    TAKE(o, float *, sizeof(float) * (size_t)M * d);
+    TAKE(m, float *, sizeof(float) * MP);
+    TAKE(l, float *, sizeof(float) * MP);
+    TAKE(alpha, float *, sizeof(float) * MP);
+    TAKE(qpos, int32_t *, sizeof(int32_t) * MP);
+    TAKE(krow, const float **, sizeof(float *) * (BK + F32_KEYS));
+    TAKE(zero, float *, sizeof(float) * d);
+#undef TAKE
+    memset(w->zero, 0, sizeof(float) * d);
+    return base;
+}
+
+/* s[k][v * 8 + lane] = dot(Q row, K row k) for F32_KEYS keys from kb and RV row vectors
+ * from v0. */
+static inline __attribute__((always_inline)) void qk_f32(const float *qp, int MP,
+                                                        const float *const *krow, int d,
+                                                        float *s, int kb, int v0, const int RV) {
+    __m256 acc[F32_KEYS][3];
+    const float *k[F32_KEYS];
+#pragma GCC unroll 4
+    for (int t = 0; t < F32_KEYS; t++) {
+        k[t] = krow[kb + t];
+        for (int v = 0; v < RV; v++) acc[t][v] = _mm256_setzero_ps();
+    }
+    for (int c = 0; c < d; c++) {
+        __m256 qv[3];
+        for (int v = 0; v < RV; v++) qv[v] = _mm256_load_ps(qp + c * MP + (v0 + v) * 8);
+#pragma GCC unroll 4
+        for (int t = 0; t < F32_KEYS; t++) {
+            const __m256 kv = _mm256_broadcast_ss(k[t] + c);
+            for (int v = 0; v < RV; v++) acc[t][v] = _mm256_fmadd_ps(kv, qv[v], acc[t][v]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < F32_KEYS; t++)
+        for (int v = 0; v < RV; v++) _mm256_store_ps(s + (kb + t) * MP + (v0 + v) * 8, acc[t][v]);
+}
+
+/* o[r][c0 ..] (RB rows from r0, CV vectors of 8 columns) = o * alpha[r] + sum over the n
+ * keys of P[k][r] V[k][c0 ..], V rows at krow[k] + v_off. */
+static inline __attribute__((always_inline)) void pv_f32(float *o, int d, const float *p, int MP,
+                                                        const float *alpha,
+                                                        const float *const *krow,
+                                                        int64_t v_off, int n, int r0, int c0,
+                                                        const int RB, const int CV) {
+    __m256 acc[PV_RB][4];
+    for (int r = 0; r < RB; r++) {
+        const __m256 al = _mm256_broadcast_ss(alpha + r0 + r);
+        for (int c = 0; c < CV; c++)
+            acc[r][c] = _mm256_mul_ps(_mm256_loadu_ps(o + (r0 + r) * d + c0 + 8 * c), al);
+    }
+    for (int k = 0; k < n; k++) {
+        const float *v = krow[k] + v_off + c0;
+        __m256 vv[4];
+        for (int c = 0; c < CV; c++) vv[c] = _mm256_loadu_ps(v + 8 * c);
+        for (int r = 0; r < RB; r++) {
+            const __m256 pb = _mm256_broadcast_ss(p + k * MP + r0 + r);
+            for (int c = 0; c < CV; c++) acc[r][c] = _mm256_fmadd_ps(pb, vv[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < RB; r++)
+        for (int c = 0; c < CV; c++) _mm256_storeu_ps(o + (r0 + r) * d + c0 + 8 * c, acc[r][c]);
+}
+
+static void tile_f32(const prefill_args *a, int h, int64_t i0, f32_scratch *w) {
+    const int g = a->g, d = a->d, bq = a->bq, M = g * bq, MP = (M + 7) / 8 * 8, NV = MP / 8;
+    const int64_t start = a->ctx - a->q_len;
+    const int64_t nq = a->q_len - i0 < bq ? a->q_len - i0 : bq;
+    const int64_t pmin = start + i0, kmax = start + i0 + nq - 1; /* last key any row sees */
+    float *restrict qp = w->qp, *restrict s = w->s;
+    /* Q^T, rows past the chunk (and past M) zero; their positions: the last real row's. */
+    memset(qp, 0, sizeof(float) * (size_t)d * MP);
+    for (int r = 0; r < MP; r++) {
+        const int j = r / bq, p = r % bq;
+        w->qpos[r] = r < M && p < nq ? p : (int32_t)(nq - 1);
+        w->m[r] = F32_MASKED;
+        w->l[r] = 0.f;
+        if (r >= M || p >= nq) continue;
+        const float *q = a->qf + (i0 + p) * a->q_stride + (int64_t)(h * g + j) * d;
+        for (int c = 0; c < d; c++) qp[c * MP + r] = q[c];
+    }
+    memset(w->o, 0, sizeof(float) * (size_t)M * d);
+    const int64_t tok = (int64_t)a->nkv * d, hd = (int64_t)h * d;
+    const __m256 vscale = _mm256_set1_ps(a->scale), masked = _mm256_set1_ps(F32_MASKED);
+    for (int64_t k0 = 0; k0 <= kmax; k0 += BK) {
+        const int n = (int)(kmax + 1 - k0 < BK ? kmax + 1 - k0 : BK);
+        const int nk = (n + F32_KEYS - 1) / F32_KEYS * F32_KEYS;
+        {
+            int64_t b = k0 / a->bs;
+            int off = (int)(k0 % a->bs);
+            for (int k = 0; k < n; k++) {
+                w->krow[k] = a->layer_kf + a->table[b] * a->block_stride + off * tok + hd;
+                if (++off == a->bs) off = 0, b++;
+            }
+            for (int k = n; k < nk; k++) w->krow[k] = w->zero;
+        }
+        for (int kb = 0; kb < nk; kb += F32_KEYS) {
+            int v = 0;
+            for (; v + 3 <= NV; v += 3) qk_f32(qp, MP, w->krow, d, s, kb, v, 3);
+            if (NV - v == 2) qk_f32(qp, MP, w->krow, d, s, kb, v, 2);
+            else if (NV - v == 1) qk_f32(qp, MP, w->krow, d, s, kb, v, 1);
+        }
+        /* scale, causal mask (a tile crossing the diagonal), online softmax per lane */
+        const int diag = k0 + n - 1 > pmin;
+        for (int v = 0; v < NV; v++) {
+            const __m256i qpos = _mm256_loadu_si256((const __m256i *)(w->qpos + v * 8));
+            __m256 tmax = masked;
+            for (int k = 0; k < n; k++) {
+                __m256 x = _mm256_mul_ps(_mm256_load_ps(s + k * MP + v * 8), vscale);
+                if (diag) {
+                    const __m256i rel = _mm256_set1_epi32((int32_t)(k0 + k - pmin));
+                    x = _mm256_blendv_ps(x, masked,
+                                         _mm256_castsi256_ps(_mm256_cmpgt_epi32(rel, qpos)));
+                }
+                _mm256_store_ps(s + k * MP + v * 8, x);
+                tmax = _mm256_max_ps(tmax, x);
+            }
+            const __m256 m_old = _mm256_load_ps(w->m + v * 8), m_new = _mm256_max_ps(m_old, tmax);
+            __m256 sum = _mm256_setzero_ps();
+            const __m256 floor = _mm256_set1_ps(F32_MASKED * 0.5f);
+            for (int k = 0; k < n; k++) {
+                const __m256 x = _mm256_load_ps(s + k * MP + v * 8);
+                __m256 e = exp_avx2(_mm256_sub_ps(x, m_new));
+                e = _mm256_and_ps(e, _mm256_cmp_ps(x, floor, _CMP_GT_OQ)); /* masked: 0 */
+                _mm256_store_ps(s + k * MP + v * 8, e);
+                sum = _mm256_add_ps(sum, e);
+            }
+            const __m256 alpha = exp_avx2(_mm256_sub_ps(m_old, m_new));
+            _mm256_store_ps(w->alpha + v * 8, alpha);
+            _mm256_store_ps(w->l + v * 8,
+                            _mm256_add_ps(_mm256_mul_ps(_mm256_load_ps(w->l + v * 8), alpha), sum));
+            _mm256_store_ps(w->m + v * 8, m_new);
+        }
+        /* O = O * alpha + P V */
+        int r0 = 0;
+        for (; r0 + PV_RB <= M; r0 += PV_RB) {
+            int c0 = 0;
+            for (; c0 + 8 * PV_CV <= d; c0 += 8 * PV_CV)
+                pv_f32(w->o, d, s, MP, w->alpha, w->krow, a->v_off, n, r0, c0, PV_RB, PV_CV);
+            for (; c0 < d; c0 += 8)
+                pv_f32(w->o, d, s, MP, w->alpha, w->krow, a->v_off, n, r0, c0, PV_RB, 1);
+        }
+        for (; r0 < M; r0++) {
+            int c0 = 0;
+            for (; c0 + 8 * PV_CV <= d; c0 += 8 * PV_CV)
+                pv_f32(w->o, d, s, MP, w->alpha, w->krow, a->v_off, n, r0, c0, 1, PV_CV);
+            for (; c0 < d; c0 += 8)
+                pv_f32(w->o, d, s, MP, w->alpha, w->krow, a->v_off, n, r0, c0, 1, 1);
+        }
+    }
+    for (int j = 0; j < g; j++)
+        for (int64_t p = 0; p < nq; p++) {
+            const int r = j * bq + (int)p;
+            const __m256 inv = _mm256_set1_ps(1.f / w->l[r]);
+            float *o = a->outf + (i0 + p) * a->out_stride + (int64_t)(h * g + j) * d;
+            for (int c = 0; c < d; c += 8)
+                _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_loadu_ps(w->o + r * d + c), inv));
+        }
+}
+#endif
+
+/* q: [q_len, nkv * g, d] (bf16, or float32 for the _f32 entry point), row i at
+ * q + i * q_stride, its heads contiguous (query head j of kv head h is h * g + j, HF's
+ * grouping); out: the same shape, row i at out + i * out_stride; strides in elements.
+ * Query i sits at position ctx - q_len + i and sees keys 0 .. its position. table: the
+ * chunk's block ids (table_len of them, each below num_blocks).
  * Returns 0, -1 when a shape is out of range, -2 when memory runs out, -3 when a block id
  * the chunk reads is outside the cache. */
-int splitserve_paged_prefill_bf16(const uint16_t *q, int64_t q_stride, uint16_t *out,
-                                  int64_t out_stride, const uint16_t *layer_k,
-                                  int64_t block_stride, int64_t v_off, const int64_t *table,
-                                  int64_t table_len, int64_t num_blocks, int64_t q_len,
-                                  int64_t ctx, int nkv, int g, int d, int bs, float scale,
-                                  int num_threads) {
+static int paged_prefill(prefill_args a, int64_t table_len, int64_t num_blocks, int f32,
+                         int num_threads) {
+    const int64_t q_len = a.q_len, ctx = a.ctx;
+    const int nkv = a.nkv, g = a.g, d = a.d, bs = a.bs;
     if (q_len < 0 || q_len > ctx || nkv < 1 || g < 1 || d < 1 || bs < 1 || table_len < 0 ||
         ctx > table_len * bs)
         return -1;
     if (q_len == 0) return 0;
     for (int64_t b = 0; b < (ctx + bs - 1) / bs; b++)
-        if (table[b] < 0 || table[b] >= num_blocks) return -3;
-    prefill_args a = {q, q_stride, out, out_stride, layer_k, block_stride, v_off, table,
-                      q_len, ctx, nkv, g, d, bs, 16, scale};
+        if (a.table[b] < 0 || a.table[b] >= num_blocks) return -3;
     int vec = 0;
-#if defined(__AVX512BF16__)
-    vec = d % 16 == 0;
-    /* Groups of one or two query heads take 48 or 32 positions a tile: at least 3 row
-     * vectors to share each broadcast K pair (unless the chunk is short: padding rows cost
-     * as much as real ones). */
-    if (vec && g < 3 && q_len > 16) a.bq = g == 1 ? 48 : 32;
+    if (f32) {
+#if SPLITSERVE_F32_SIMD
+        vec = d % 8 == 0;
+        /* ~F32_ROWS rows a tile (each K row read serves all of them), unless the chunk is
+         * short: padding rows cost as much as real ones. */
+        if (vec) a.bq = g >= F32_ROWS ? 1 : F32_ROWS / g;
+        if (vec && a.bq > q_len) a.bq = (int)q_len;
 #endif
-    (void)vec;
+    } else {
+#if defined(__AVX512BF16__)
+        vec = d % 16 == 0;
+        /* Groups of one or two query heads take 48 or 32 positions a tile: at least 3 row
+         * vectors to share each broadcast K pair (unless the chunk is short: padding rows
+         * cost as much as real ones). */
+        if (vec && g < 3 && q_len > 16) a.bq = g == 1 ? 48 : 32;
+#endif
+    }
     const int64_t ntiles = (q_len + a.bq - 1) / a.bq, items = ntiles * nkv;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && items > 1)
@@ -454,10 +707,21 @@ int splitserve_paged_prefill_bf16(const uint16_t *q, int64_t q_stride, uint16_t 
         float *s = NULL;
 #if defined(__AVX512BF16__)
         vec_scratch w;
-        if (vec) mem = vec_scratch_alloc(&w, g * a.bq, d);
-        else
 #endif
+#if SPLITSERVE_F32_SIMD
+        f32_scratch wf;
+#endif
+        if (vec && f32) {
+#if SPLITSERVE_F32_SIMD
+            mem = f32_scratch_alloc(&wf, g * a.bq, d);
+#endif
+        } else if (vec) {
+#if defined(__AVX512BF16__)
+            mem = vec_scratch_alloc(&w, g * a.bq, d);
+#endif
+        } else {
             mem = s = malloc(sizeof(float) * (ctx + d));
+        }
         if (!mem) {
 #pragma omp atomic write
             failed = 1;
@@ -469,17 +733,45 @@ int splitserve_paged_prefill_bf16(const uint16_t *q, int64_t q_stride, uint16_t 
             if (!mem) continue;
             const int64_t i0 = (ntiles - 1 - it / nkv) * a.bq;
             const int h = (int)(it % nkv);
-#if defined(__AVX512BF16__)
-            if (vec) {
-                tile_vec(&a, h, i0, &w);
-                continue;
-            }
+            if (vec && f32) {
+#if SPLITSERVE_F32_SIMD
+                tile_f32(&a, h, i0, &wf);
 #endif
-            tile_scalar(&a, h, i0, s, s + ctx);
+            } else if (vec) {
+#if defined(__AVX512BF16__)
+                tile_vec(&a, h, i0, &w);
+#endif
+            } else if (f32) {
+                tile_scalar_f32(&a, h, i0, s, s + ctx);
+            } else {
+                tile_scalar(&a, h, i0, s, s + ctx);
+            }
         }
         free(mem);
     }
     return failed ? -2 : 0;
 }
 
+int splitserve_paged_prefill_bf16(const uint16_t *q, int64_t q_stride, uint16_t *out,
+                                  int64_t out_stride, const uint16_t *layer_k,
+                                  int64_t block_stride, int64_t v_off, const int64_t *table,
+                                  int64_t table_len, int64_t num_blocks, int64_t q_len,
+                                  int64_t ctx, int nkv, int g, int d, int bs, float scale,
+                                  int num_threads) {
+    prefill_args a = {q, q_stride, out, out_stride, layer_k, 0, 0, 0, block_stride, v_off,
+                      table, q_len, ctx, nkv, g, d, bs, 16, scale};
+    return paged_prefill(a, table_len, num_blocks, 0, num_threads);
+}
+
+int splitserve_paged_prefill_f32(const float *q, int64_t q_stride, float *out,
+                                 int64_t out_stride, const float *layer_k, int64_t block_stride,
+                                 int64_t v_off, const int64_t *table, int64_t table_len,
+                                 int64_t num_blocks, int64_t q_len, int64_t ctx, int nkv, int g,
+                                 int d, int bs, float scale, int num_threads) {
+    prefill_args a = {0, q_stride, 0, out_stride, 0, q, layer_k, out, block_stride, v_off,
+                      table, q_len, ctx, nkv, g, d, bs, 16, scale};
+    return paged_prefill(a, table_len, num_blocks, 1, num_threads);
+}
+
 SPLITSERVE_BF16_PROBE(paged_prefill)
+SPLITSERVE_F32_PROBE(paged_prefill)
