@@ -503,7 +503,7 @@ def _vectorized(lib: ctypes.CDLL | None, name: str, needs: str = "AVX512-BF16") 
     if lib is None:
         return False
     if not getattr(lib, f"splitserve_{name}_available")():
-        logger.info("%s kernel: this CPU has no %s; using torch", name, needs)
+        logger.info("%s kernel: built without %s here; not used", name, needs)
         return False
     return True
 

@@ -73,38 +73,53 @@ typedef struct {
     float scale;
 } prefill_args;
 
-static inline const uint16_t *key_row(const prefill_args *a, int h, int64_t t) {
-    return a->layer_k + a->table[t / a->bs] * a->block_stride +
-           (t % a->bs) * (int64_t)a->nkv * a->d + (int64_t)h * a->d;
+/* Element i of a bf16 (f32 == 0) or float32 (f32 == 1) array, as float32. */
+static inline float elem(const void *p, int64_t i, int f32) {
+    return f32 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);
 }
 
-/* Scalar path: each query row scores its visible keys, softmax, weighted V rows.
- * s: ctx floats, acc: d floats of scratch. */
-static void tile_scalar(const prefill_args *a, int h, int64_t i0, float *s, float *acc) {
-    const int g = a->g, d = a->d;
+/* Key row t of kv head h (its V row v_off elements further), in either cache. */
+static inline const void *key_row(const prefill_args *a, int h, int64_t t, int f32) {
+    const int64_t off = a->table[t / a->bs] * a->block_stride +
+                        (t % a->bs) * (int64_t)a->nkv * a->d + (int64_t)h * a->d;
+    return f32 ? (const void *)(a->layer_kf + off) : (const void *)(a->layer_k + off);
+}
+
+/* Scalar path, either cache: each query row scores its visible keys, softmax, weighted V
+ * rows. s: ctx floats, acc: d floats of scratch. */
+static void tile_scalar(const prefill_args *a, int h, int64_t i0, float *s, float *acc, int f32) {
+    const int g = a->g, d = a->d, es = f32 ? 4 : 2;
     const int64_t start = a->ctx - a->q_len;
     const int64_t nq = a->q_len - i0 < a->bq ? a->q_len - i0 : a->bq;
+    const char *qbase = f32 ? (const char *)a->qf : (const char *)a->q;
+    char *obase = f32 ? (char *)a->outf : (char *)a->out;
     for (int64_t p = 0; p < nq; p++) {
         const int64_t pos = start + i0 + p;
         for (int j = 0; j < g; j++) {
-            const uint16_t *q = a->q + (i0 + p) * a->q_stride + (int64_t)(h * g + j) * d;
+            const int64_t row = (i0 + p), col = (int64_t)(h * g + j) * d;
+            const void *q = qbase + (row * a->q_stride + col) * es;
             float m = -INFINITY, sum = 0.f;
             for (int64_t t = 0; t <= pos; t++) {
-                const uint16_t *k = key_row(a, h, t);
+                const void *k = key_row(a, h, t, f32);
                 float dot = 0.f;
-                for (int c = 0; c < d; c++) dot += bf16_to_f32(q[c]) * bf16_to_f32(k[c]);
+                for (int c = 0; c < d; c++) dot += elem(q, c, f32) * elem(k, c, f32);
                 s[t] = dot * a->scale;
                 m = s[t] > m ? s[t] : m;
             }
             memset(acc, 0, sizeof(float) * d);
             for (int64_t t = 0; t <= pos; t++) {
                 const float w = expf(s[t] - m);
-                const uint16_t *v = key_row(a, h, t) + a->v_off;
+                const char *v = (const char *)key_row(a, h, t, f32) + a->v_off * es;
                 sum += w;
-                for (int c = 0; c < d; c++) acc[c] += w * bf16_to_f32(v[c]);
+                for (int c = 0; c < d; c++) acc[c] += w * elem(v, c, f32);
             }
-            uint16_t *o = a->out + (i0 + p) * a->out_stride + (int64_t)(h * g + j) * d;
-            for (int c = 0; c < d; c++) o[c] = f32_to_bf16(acc[c] / sum);
+            char *o = obase + (row * a->out_stride + col) * es;
+            for (int c = 0; c < d; c++) {
+                if (f32)
+                    ((float *)o)[c] = acc[c] / sum;
+                else
+                    ((uint16_t *)o)[c] = f32_to_bf16(acc[c] / sum);
+            }
         }
     }
 }
@@ -422,41 +437,6 @@ static void *vec_scratch_alloc(vec_scratch *w, int M, int d) {
 
 /* ---- float32 cache ------------------------------------------------------------------ */
 
-static inline const float *key_row_f32(const prefill_args *a, int h, int64_t t) {
-    return a->layer_kf + a->table[t / a->bs] * a->block_stride +
-           (t % a->bs) * (int64_t)a->nkv * a->d + (int64_t)h * a->d;
-}
-
-/* tile_scalar for a float32 cache. */
-static void tile_scalar_f32(const prefill_args *a, int h, int64_t i0, float *s, float *acc) {
-    const int g = a->g, d = a->d;
-    const int64_t start = a->ctx - a->q_len;
-    const int64_t nq = a->q_len - i0 < a->bq ? a->q_len - i0 : a->bq;
-    for (int64_t p = 0; p < nq; p++) {
-        const int64_t pos = start + i0 + p;
-        for (int j = 0; j < g; j++) {
-            const float *q = a->qf + (i0 + p) * a->q_stride + (int64_t)(h * g + j) * d;
-            float m = -INFINITY, sum = 0.f;
-            for (int64_t t = 0; t <= pos; t++) {
-                const float *k = key_row_f32(a, h, t);
-                float dot = 0.f;
-                for (int c = 0; c < d; c++) dot += q[c] * k[c];
-                s[t] = dot * a->scale;
-                m = s[t] > m ? s[t] : m;
-            }
-            memset(acc, 0, sizeof(float) * d);
-            for (int64_t t = 0; t <= pos; t++) {
-                const float w = expf(s[t] - m);
-                const float *v = key_row_f32(a, h, t) + a->v_off;
-                sum += w;
-                for (int c = 0; c < d; c++) acc[c] += w * v[c];
-            }
-            float *o = a->outf + (i0 + p) * a->out_stride + (int64_t)(h * g + j) * d;
-            for (int c = 0; c < d; c++) o[c] = acc[c] / sum;
-        }
-    }
-}
-
 #if SPLITSERVE_F32_SIMD
 /* The float32 vector path (AVX2 + FMA), the bf16 one's plan in 8-lane vectors: a tile is
  * one kv head x bq query positions, its M = g x bq rows (query heads x positions, row
@@ -741,10 +721,8 @@ static int paged_prefill(prefill_args a, int64_t table_len, int64_t num_blocks, 
 #if defined(__AVX512BF16__)
                 tile_vec(&a, h, i0, &w);
 #endif
-            } else if (f32) {
-                tile_scalar_f32(&a, h, i0, s, s + ctx);
             } else {
-                tile_scalar(&a, h, i0, s, s + ctx);
+                tile_scalar(&a, h, i0, s, s + ctx, f32);
             }
         }
         free(mem);

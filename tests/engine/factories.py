@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from splitserve.engine.config import EngineConfig, ModelConfig
@@ -52,3 +53,12 @@ def tiny_engine(cfg: ModelConfig | None = None, seed: int = 0, **engine_over) ->
                 max_num_batched_tokens=64, max_num_seqs=8, progress=False)
     opts.update(engine_over)
     return Engine(EngineConfig(**opts), model_config=cfg, state_dict=random_state_dict(cfg, seed))
+
+
+def built_kernel(kernels: dict, name: str, what: str) -> tuple:
+    """kernels[name] (a tuple whose first item is a native kernel, or None where it is not
+    built), or skip the test when that kernel is not built here."""
+    if kernels[name][0] is None:
+        pytest.skip(f"the {name} {what} is not built here (no C compiler, or not the "
+                    f"instructions it needs)")
+    return kernels[name]

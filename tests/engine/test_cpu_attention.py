@@ -15,7 +15,7 @@ from splitserve.engine.attention.cpu import CpuAttentionBackend
 from splitserve.engine.attention.torch_ref import TorchAttentionBackend
 from splitserve.engine.sampling_params import SamplingParams
 
-from .factories import tiny_engine, tiny_model_config
+from .factories import built_kernel, tiny_engine, tiny_model_config
 
 kernel = native.load_paged_decode()
 needs_kernel = pytest.mark.skipif(kernel is None, reason="no C compiler or no AVX512-BF16: "
@@ -33,12 +33,8 @@ KERNELS = {
 
 @pytest.fixture(params=sorted(KERNELS))
 def kind(request):
-    """Each kernel built here: its KERNELS entry."""
-    k = KERNELS[request.param][0]
-    if k is None:
-        pytest.skip(f"the {request.param} paged-decode kernel is not built here (no C "
-                    f"compiler, or not the instructions it needs)")
-    return KERNELS[request.param]
+    """Each one built here: its KERNELS entry."""
+    return built_kernel(KERNELS, request.param, "paged-decode kernel")
 
 
 def paged_case(lens, nkv, g, d, bs, layers=3, seed=0, dtype=torch.bfloat16):

@@ -15,7 +15,7 @@ from splitserve.engine.attention.cpu import CpuAttentionBackend
 from splitserve.engine.attention.torch_ref import TorchAttentionBackend
 from splitserve.engine.sampling_params import SamplingParams
 
-from .factories import tiny_engine, tiny_model_config
+from .factories import built_kernel, tiny_engine, tiny_model_config
 
 #: Each kernel: (loaded kernel or None, cache dtype, largest error against float64, how
 #: much larger than the torch path's its mean error may be over a set of cases).
@@ -30,11 +30,8 @@ KERNELS = {
 
 @pytest.fixture(params=sorted(KERNELS))
 def kind(request):
-    """Each kernel built here: its KERNELS entry."""
-    if KERNELS[request.param][0] is None:
-        pytest.skip(f"the {request.param} paged-prefill kernel is not built here (no C "
-                    f"compiler, or not the instructions it needs)")
-    return KERNELS[request.param]
+    """Each one built here: its KERNELS entry."""
+    return built_kernel(KERNELS, request.param, "paged-prefill kernel")
 
 
 def prefill_case(q_len, ctx, nkv, g, d, bs, layers=3, seed=0, dtype=torch.bfloat16):

@@ -12,7 +12,7 @@ from splitserve.engine.models.llama import rms_norm
 from splitserve.engine.models.rope import RotaryEmbedding
 from splitserve.engine.sampling_params import SamplingParams
 
-from .factories import tiny_engine, tiny_model_config
+from .factories import built_kernel, tiny_engine, tiny_model_config
 
 #: name -> (the ops or None where not built, their dtype, the float32 mantissa bits of
 #: that dtype's ulp: 2^-7 relative for bfloat16, 2^-23 for float32).
@@ -24,11 +24,8 @@ OPS = {
 
 @pytest.fixture(params=sorted(OPS))
 def kind(request):
-    """Each set of ops built here: its OPS entry."""
-    if OPS[request.param][0] is None:
-        pytest.skip(f"the {request.param} layer ops are not built here (no C compiler, or "
-                    f"not the instructions they need)")
-    return OPS[request.param]
+    """Each one built here: its OPS entry."""
+    return built_kernel(OPS, request.param, "layer ops")
 
 
 def rand(*shape, seed, dtype=torch.bfloat16, scale=1.0):
