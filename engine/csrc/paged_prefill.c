@@ -73,6 +73,14 @@ typedef struct {
     float scale;
 } prefill_args;
 
+/* Scratch arenas: each piece taken from the arena at p, the next one kept 64-byte aligned. */
+static inline void *take(char **p, size_t bytes) {
+    void *piece = *p;
+    *p += (bytes + 63) / 64 * 64;
+    return piece;
+}
+#define TAKE(field, type, count) (w->field = (type)take(&p, (size_t)(count)))
+
 /* Element i of a bf16 (f32 == 0) or float32 (f32 == 1) array, as float32. */
 static inline float elem(const void *p, int64_t i, int f32) {
     return f32 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);
@@ -410,11 +418,6 @@ static void *vec_scratch_alloc(vec_scratch *w, int M, int d) {
                          sizeof(uint16_t *) * 2 * BK + sizeof(uint16_t) * d + 64 * 14;
     char *base = aligned_alloc(64, (bytes + 63) / 64 * 64), *p = base;
     if (!base) return NULL;
-#define TAKE(field, type, count)                                                                  \
-    do {                                                                                          \
-        w->field = (type)p;                                                                       \
-        p += ((size_t)(count) + 63) / 64 * 64;                                                   \
-    } while (0)
     TAKE(qrows, uint32_t *, sizeof(uint32_t) * (size_t)(d / 2) * M);
     TAKE(qp, uint32_t *, sizeof(uint32_t) * (size_t)(d / 2) * M);
     TAKE(s, float *, sizeof(float) * BK * M);
@@ -429,7 +432,6 @@ static void *vec_scratch_alloc(vec_scratch *w, int M, int d) {
     TAKE(krow, const uint16_t **, sizeof(uint16_t *) * BK);
     TAKE(vrow, const uint16_t **, sizeof(uint16_t *) * BK);
     TAKE(zero, uint16_t *, sizeof(uint16_t) * d);
-#undef TAKE
     memset(w->zero, 0, sizeof(uint16_t) * d);
     return base;
 }
@@ -476,11 +478,6 @@ static void *f32_scratch_alloc(f32_scratch *w, int M, int d) {
                          sizeof(float *) * (BK + F32_KEYS) + 64 * 9;
     char *base = aligned_alloc(64, (bytes + 63) / 64 * 64), *p = base;
     if (!base) return NULL;
-#define TAKE(field, type, count)                                                                  \
-    do {                                                                                          \
-        w->field = (type)p;                                                                       \
-        p += ((size_t)(count) + 63) / 64 * 64;                                                   \
-    } while (0)
     TAKE(qp, float *, sizeof(float) * (size_t)d * MP);
     TAKE(s, float *, sizeof(float) * (size_t)BK * MP);
     TAKE(o, float *, sizeof(float) * (size_t)M * d);
@@ -490,7 +487,6 @@ static void *f32_scratch_alloc(f32_scratch *w, int M, int d) {
     TAKE(qpos, int32_t *, sizeof(int32_t) * MP);
     TAKE(krow, const float **, sizeof(float *) * (BK + F32_KEYS));
     TAKE(zero, float *, sizeof(float) * d);
-#undef TAKE
     memset(w->zero, 0, sizeof(float) * d);
     return base;
 }
