@@ -54,12 +54,26 @@ def _layer_ptr(kv_cache: torch.Tensor, layer: int) -> int:
     return kv_cache.data_ptr() + layer * kv_cache.stride(1) * kv_cache.element_size()
 
 
-class PagedDecodeKernel:
-    """Decode attention for bfloat16 caches laid out as the engine's
-    [num_blocks, layers, 2, block_size, kv_heads, head_dim]."""
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16", "float32": a dtype as `--dtype` and the kernels' errors name it."""
+    return str(dtype).removeprefix("torch.")
+
+
+class _OneDtype:
+    """A kernel wrapper for one element type: DTYPE, and the SUFFIX its C entry points end
+    in (subclasses swap both for the float32 build)."""
 
     DTYPE = torch.bfloat16
     SUFFIX = "bf16"
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.DTYPE)
+
+
+class PagedDecodeKernel(_OneDtype):
+    """Decode attention for bfloat16 caches laid out as the engine's
+    [num_blocks, layers, 2, block_size, kv_heads, head_dim]."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         fn = getattr(lib, f"splitserve_paged_decode_{self.SUFFIX}")
@@ -72,7 +86,6 @@ class PagedDecodeKernel:
         w.argtypes = [ptr, i64, i64, i64, i32, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i32]
         w.restype = i32
         self._write = w
-        self._name = str(self.DTYPE).removeprefix("torch.")
 
     def check_step(self, kv_cache: torch.Tensor, block_table: torch.Tensor,
                    seq_lens: torch.Tensor, num_heads: int, head_dim: int) -> None:
@@ -81,8 +94,8 @@ class PagedDecodeKernel:
         cache incl. this one)."""
         _, _, two, _, nkv, hd = kv_cache.shape
         if kv_cache.dtype != self.DTYPE or hd != head_dim or two != 2:
-            raise ValueError(f"the paged-decode kernel takes {self._name} q and cache of one "
-                             f"head_dim")
+            raise ValueError(f"the paged-decode kernel takes {self.dtype_name} q and cache "
+                             f"of one head_dim")
         if not kv_cache.is_contiguous():
             raise ValueError("the paged-decode kernel takes a contiguous cache and q rows")
         if num_heads % nkv:
@@ -102,8 +115,8 @@ class PagedDecodeKernel:
         D, nh, d = q.shape
         if (q.dtype != self.DTYPE or q.stride(2) != 1 or q.stride(1) != d
                 or block_table.shape[0] != D or not 0 <= layer < kv_cache.shape[1]):
-            raise ValueError(f"the paged-decode kernel takes {self._name} q rows, one per "
-                             f"table row, and a layer of the cache (got layer {layer})")
+            raise ValueError(f"the paged-decode kernel takes {self.dtype_name} q rows, one "
+                             f"per table row, and a layer of the cache (got layer {layer})")
         out = torch.empty(D, nh, d, dtype=q.dtype)
         layer_k = _layer_ptr(kv_cache, layer)
         nkv = kv_cache.shape[4]
@@ -125,7 +138,7 @@ class PagedDecodeKernel:
         _, layers, _, bs, cnkv, cd = kv_cache.shape
         if (kv_cache.dtype != self.DTYPE or not kv_cache.is_contiguous()
                 or not 0 <= layer < layers or (cnkv, cd) != (nkv, d) or v.shape != k.shape):
-            raise ValueError(f"write_kv takes {self._name} k and v of the cache's heads")
+            raise ValueError(f"write_kv takes {self.dtype_name} k and v of the cache's heads")
         for t in (k, v):
             if t.dtype != self.DTYPE or t.stride(2) != 1 or t.stride(1) != d:
                 raise ValueError("write_kv takes k and v rows with contiguous heads")
@@ -156,16 +169,12 @@ class PagedDecodeKernelF32(PagedDecodeKernel):
     SUFFIX = "f32"
 
 
-class PagedPrefillKernel:
+class PagedPrefillKernel(_OneDtype):
     """Causal attention of one prefill chunk over a bfloat16 cache laid out as the engine's
     [num_blocks, layers, 2, block_size, kv_heads, head_dim], every one of the chunk's
     context tokens (its own included) already written."""
 
-    DTYPE = torch.bfloat16
-    SUFFIX = "bf16"
-
     def __init__(self, lib: ctypes.CDLL) -> None:
-        self._name = str(self.DTYPE).removeprefix("torch.")
         fn = getattr(lib, f"splitserve_paged_prefill_{self.SUFFIX}")
         i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
         fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, i64, i32, i32,
@@ -186,7 +195,7 @@ class PagedPrefillKernel:
         q_len, nh, d = q.shape
         num_blocks, layers, two, bs, nkv, hd = kv_cache.shape
         if q.dtype != self.DTYPE or kv_cache.dtype != self.DTYPE:
-            raise ValueError(f"the paged-prefill kernel takes {self._name} q and cache")
+            raise ValueError(f"the paged-prefill kernel takes {self.dtype_name} q and cache")
         if {t.device.type for t in (q, kv_cache, block_table)} != {"cpu"}:
             raise ValueError("the paged-prefill kernel takes CPU tensors")
         if hd != d or two != 2 or nh % nkv:
@@ -209,8 +218,8 @@ class PagedPrefillKernel:
             out = torch.empty(q_len, nh, d, dtype=self.DTYPE)
         elif (out.shape != q.shape or out.dtype != self.DTYPE or out.stride(2) != 1
               or out.stride(1) != d or out.device.type != "cpu"):
-            raise ValueError(f"the paged-prefill kernel writes {self._name} rows shaped as "
-                             f"q's, heads contiguous")
+            raise ValueError(f"the paged-prefill kernel writes {self.dtype_name} rows shaped "
+                             f"as q's, heads contiguous")
         layer_k = _layer_ptr(kv_cache, layer)
         rc = self._fn(q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0), layer_k,
                       kv_cache.stride(0), kv_cache.stride(2), block_table.data_ptr(),
@@ -356,12 +365,9 @@ class QuantGemmF32(QuantGemm):
     PACK_SUFFIX, GEMM_SUFFIX = "_f32", "f32"
 
 
-class LayerOps:
+class LayerOps(_OneDtype):
     """bfloat16 elementwise steps of a Llama-family layer (csrc/layer_ops.c), each rounding
     where the torch code it replaces rounds."""
-
-    DTYPE = torch.bfloat16
-    SUFFIX = "bf16"
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         i64, i32, ptr, f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
@@ -373,12 +379,11 @@ class LayerOps:
         for fn in fns.values():
             fn.restype = None
         self._fns = fns
-        self._name = str(self.DTYPE).removeprefix("torch.")
 
     def _check(self, *tensors: torch.Tensor) -> None:
         for t in tensors:
             if t.dtype != self.DTYPE or not t.is_contiguous():
-                raise ValueError(f"layer ops take contiguous {self._name} tensors")
+                raise ValueError(f"layer ops take contiguous {self.dtype_name} tensors")
 
     def add_rms_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                      eps: float) -> torch.Tensor:
@@ -402,7 +407,7 @@ class LayerOps:
         T = x.shape[0]
         if (x.dtype != self.DTYPE or x.stride(1) != 1 or x.shape[1] < heads * head_dim
                 or cos.shape[1] != head_dim or head_dim % 2):
-            raise ValueError(f"rope_: x rows must hold the heads, in {self._name}")
+            raise ValueError(f"rope_: x rows must hold the heads, in {self.dtype_name}")
         if positions.dtype != torch.int64 or not positions.is_contiguous() or positions.shape != (T,):
             raise ValueError("rope_: positions must be contiguous int64, one per row")
         self._fns["rope"](x.data_ptr(), T, x.stride(0), heads, head_dim, positions.data_ptr(),
@@ -498,8 +503,9 @@ def load_library(name: str) -> ctypes.CDLL | None:
 
 
 def _vectorized(lib: ctypes.CDLL | None, name: str, needs: str = "AVX512-BF16") -> bool:
-    """Whether csrc/<name>.c was built with the instructions of its fast paths (`needs`;
-    without them torch's vectorised ops are faster than the scalar C)."""
+    """Whether a library was built with the instructions of the fast paths its probe
+    `splitserve_<name>_available` reports (`needs`; without them torch's vectorised ops are
+    faster than the scalar C)."""
     if lib is None:
         return False
     if not getattr(lib, f"splitserve_{name}_available")():

@@ -58,24 +58,18 @@ class CpuAttentionBackend(TorchAttentionBackend):
 
     def __init__(self) -> None:
         #: The paged-decode kernel for each cache dtype it is built for here.
-        self.kernels = {dt: k for dt, k in ((torch.bfloat16, load_paged_decode()),
-                                            (torch.float32, load_paged_decode_f32()))
-                        if k is not None}
+        self.kernels = _built({torch.bfloat16: load_paged_decode,
+                               torch.float32: load_paged_decode_f32})
         #: The paged-prefill kernel likewise.
-        self.prefill_kernels = {dt: k for dt, k in ((torch.bfloat16, load_paged_prefill()),
-                                                    (torch.float32, load_paged_prefill_f32()))
-                                if k is not None}
-
-    def _decode_kernel(self, kv_cache: torch.Tensor):
-        """The paged-decode kernel for this cache (in CPU memory), or None."""
-        return self.kernels.get(kv_cache.dtype) if kv_cache.device.type == "cpu" else None
+        self.prefill_kernels = _built({torch.bfloat16: load_paged_prefill,
+                                       torch.float32: load_paged_prefill_f32})
 
     def begin_step(self, meta, kv_cache, num_heads, num_kv_heads, head_dim) -> None:
         """Native decodes: the step's cache, tables and lengths checked once here (not once a
         layer); otherwise the torch backend's preparation."""
         if not meta.num_decodes:
             return
-        kernel = self._decode_kernel(kv_cache)
+        kernel = _kernel_for(self.kernels, kv_cache)
         if kernel is None:
             super().begin_step(meta, kv_cache, num_heads, num_kv_heads, head_dim)
             return
@@ -87,7 +81,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
                      kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
         """One native call for k and v (two indexed copies cost ~13 us of dispatch a layer,
         ~0.4 ms a decode step of SmolLM2)."""
-        kernel = self._decode_kernel(kv_cache)
+        kernel = _kernel_for(self.kernels, kv_cache)
         if kernel is None:
             super()._write_cache(layer, k, v, kv_cache, meta)
             return
@@ -104,12 +98,21 @@ class CpuAttentionBackend(TorchAttentionBackend):
     def _prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  kv_cache: torch.Tensor, ctx: int, table: torch.Tensor,
                  out: torch.Tensor) -> None:
-        kernel = (self.prefill_kernels.get(kv_cache.dtype) if kv_cache.device.type == "cpu"
-                  else None)
+        kernel = _kernel_for(self.prefill_kernels, kv_cache)
         if kernel is None:
             super()._prefill(layer, q, k, v, kv_cache, ctx, table, out)
             return
         kernel(q, kv_cache, layer, table, ctx, q.shape[-1] ** -0.5, out, torch.get_num_threads())
+
+
+def _built(loaders: dict) -> dict:
+    """dtype -> kernel, for each loader that finds its kernel built here."""
+    return {dt: k for dt, load in loaders.items() if (k := load()) is not None}
+
+
+def _kernel_for(kernels: dict, kv_cache: torch.Tensor):
+    """The kernel of `kernels` for this cache (its dtype, in CPU memory), or None."""
+    return kernels.get(kv_cache.dtype) if kv_cache.device.type == "cpu" else None
 
 
 #: backend_state of a step whose decodes the kernel runs.

@@ -3,8 +3,8 @@
  * about as much as the arithmetic). The bfloat16 ones round to bfloat16 where the torch
  * code they replace does, so the results equal that code's up to float32 summation order
  * (the RMS statistic); the float32 ones round each product and sum where torch does
- * (no fused multiply-adds: see the pragma below), except that RMS sum and SiLU's
- * exponential. Built and loaded by engine/native.py.
+ * (no fused multiply-adds: see the pragma below), but for the RMS sum's order and SiLU's
+ * exponential (its own polynomial). Built and loaded by engine/native.py.
  */
 #include <math.h>
 #include <stdint.h>

@@ -138,7 +138,7 @@ def test_kernel_reads_strided_queries_and_writes_only_its_rows(kind):
 
 def test_kernel_rejects_bad_input(kind):
     kernel, dtype, _, _ = kind
-    name = str(dtype).removeprefix("torch.")
+    name = native.dtype_name(dtype)
     cache, q, table = prefill_case(20, 33, nkv=3, g=3, d=64, bs=16, dtype=dtype)  # 3 blocks
     with pytest.raises(ValueError, match="outside its block table"):
         kernel(q, cache, 0, table, 49, 0.125)
@@ -254,7 +254,7 @@ def test_engine_greedy_tokens_with_the_kernel_equal_torch_prefill(kind, monkeypa
     calls = []
     outs = {}
     for use_kernel in (False, True):
-        eng = tiny_engine(cfg, dtype=str(dtype).removeprefix("torch."), attention_backend="cpu",
+        eng = tiny_engine(cfg, dtype=native.dtype_name(dtype), attention_backend="cpu",
                           block_size=16, max_num_batched_tokens=32, quantization="none")
         attn = eng.runner.attn
         assert dtype in attn.prefill_kernels

@@ -84,7 +84,7 @@ def test_rope_equals_torch_in_place(kind):
 
 def test_ops_reject_bad_input(kind):
     ops, dt, _ = kind
-    name = str(dt).removeprefix("torch.")
+    name = native.dtype_name(dt)
     with pytest.raises(ValueError, match=name):
         ops.add_rms_norm(torch.randn(2, 8).half(), None, torch.randn(8).half(), 1e-5)
     with pytest.raises(ValueError, match=name):
@@ -107,7 +107,7 @@ def test_engine_with_ops_matches_engine_without(kind):
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     outs = []
     for native_ops in (True, False):
-        eng = tiny_engine(cfg, dtype=str(dt).removeprefix("torch."), block_size=16,
+        eng = tiny_engine(cfg, dtype=native.dtype_name(dt), block_size=16,
                           max_num_batched_tokens=32, quantization="none")
         assert eng.runner.model.ops is not None
         if not native_ops:
