@@ -33,7 +33,6 @@ takes as long as the prefill worker's poll interval), a separate one does not.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -42,6 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+
+from splitserve.runtime.aio import wait_event
 
 from .base import Notification, PoolLayout, pack_metadata, pull_indices, unpack_metadata
 from .config import KvTransferConfig
@@ -351,9 +352,7 @@ class NixlTransport:
                     for msg in msgs:
                         yield Notification(peer_name, bytes(msg))
             elif not busy:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(wake.wait(), delay)
-                if wake.is_set():
+                if await wait_event(wake, delay):
                     wake.clear()
                     delay = self.config.notify_poll_min_s
                 else:

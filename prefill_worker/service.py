@@ -14,7 +14,6 @@ too (the worker then serves like a decode worker).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import replace
 from typing import Any
@@ -50,10 +49,15 @@ class PrefillWorkerServicer(WorkerServicer):
 
     async def stop(self) -> None:
         if self._notify_task is not None:
-            self._notify_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._notify_task
-            self._notify_task = None
+            task, self._notify_task = self._notify_task, None
+            task.cancel()
+            # Bounded: the transport's close (which ends the loop for good) comes after this.
+            await asyncio.wait((task,), timeout=5.0)
+            if not task.done():
+                logger.warning("the transport notification loop did not end on cancel; "
+                               "closing the transport ends it")
+            elif not task.cancelled() and task.exception() is not None:
+                logger.debug("notification loop ended with an error", exc_info=task.exception())
         await super().stop()
 
     async def _consume_notifications(self) -> None:

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from splitserve.runtime.aio import wait_event
+
 from .types import (
     DEFAULT_TTL_S,
     DiscoveryConfigError,
@@ -170,9 +172,7 @@ class EmbeddedDiscovery:
             raise DiscoveryError("this embedded discovery is closed")
 
     async def _sleep(self, seconds: float) -> bool:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._closed.wait(), seconds)
-        return self._closed.is_set()
+        return await wait_event(self._closed, seconds)
 
     # ---------------------------------------------------------------- write
     def _write(self, reg: _FileRegistration) -> None:

@@ -43,6 +43,8 @@ from etcd3aio.lease import LeaseService
 # the generated etcd stubs etcd3aio ships (pinned: etcd3aio>=0.3,<0.4)
 from etcd3aio._protobuf import WatchCreateRequest, WatchRequest, WatchStub
 
+from splitserve.runtime.aio import wait_event
+
 from .types import (
     DEFAULT_TTL_S,
     DiscoveryConfigError,
@@ -228,9 +230,7 @@ class EtcdDiscovery:
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep unless closed first; True if closed."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._closed.wait(), seconds)
-        return self._closed.is_set()
+        return await wait_event(self._closed, seconds)
 
     async def _retrying(self, what: str, op: Any) -> Any:
         """Run `op()` until it succeeds or `timeout_s` has passed."""
