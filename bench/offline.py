@@ -7,6 +7,7 @@ splitserve's continuous batching vs transformers' static, padded batches.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import statistics
 import time
@@ -36,6 +37,10 @@ def register(subparsers) -> None:
     p.add_argument("--single-stream-runs", type=int, default=5, metavar="N",
                    help="times the single-stream decode is measured; the figure is their "
                         "median (default 5)")
+    p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                   help="the engine's KV cache (e.g. 2GiB); default: room for every request "
+                        "of the set at once (as transformers' batches get), at least the "
+                        "engine's own default")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -46,6 +51,14 @@ def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[i
     rng = random.Random(seed)
     # Ordinary vocabulary ids (skip the first few hundred: special and byte tokens).
     return [[rng.randrange(300, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def kv_bytes_for(prompts: list[list[int]], out_len: int, cfg, block_size: int, dtype) -> int:
+    """KV cache bytes that hold every request of the set at once, prompt and output."""
+    from splitserve.engine.model_runner import kv_block_bytes
+
+    blocks = sum(-(-(len(p) + out_len) // block_size) for p in prompts)
+    return blocks * kv_block_bytes(cfg, block_size, dtype)
 
 
 def single_stream_tok_s(engine, prompt, out_len) -> float:
@@ -128,8 +141,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from splitserve.bench.common import emit, machine_info
-    from splitserve.engine.config import EngineConfig
+    from splitserve.engine.config import EngineConfig, parse_memory_size
     from splitserve.engine.engine import Engine
+    from splitserve.engine.model_runner import DEFAULT_KV_CACHE_MEMORY, resolve_dtype
     from splitserve.engine.model_loader import load_model_config, resolve_model
 
     if args.single_stream_runs < 1:
@@ -148,14 +162,23 @@ def run(args: argparse.Namespace) -> int:
         "output_len": out_len, "hf_batch_size": args.hf_batch_size, "threads": threads,
         "quick": args.quick, "single_stream_runs": args.single_stream_runs,
     }
-    engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, num_threads=threads,
-                                 max_num_seqs=max(64, n), max_num_batched_tokens=2048,
-                                 quantization=args.quantization))
+    config = EngineConfig(model=args.model, dtype=args.dtype, num_threads=threads,
+                          max_num_seqs=max(64, n), max_num_batched_tokens=2048,
+                          quantization=args.quantization)
+    if args.kv_cache_memory is not None:
+        kv_memory = parse_memory_size(args.kv_cache_memory)
+    else:  # with 1 GiB, a float32 cache holds ~23k of the full set's ~41k tokens
+        need = kv_bytes_for(prompts, out_len, cfg, config.block_size,
+                            resolve_dtype(args.dtype, torch.device("cpu")))
+        kv_memory = max(need, DEFAULT_KV_CACHE_MEMORY)
+    config = dataclasses.replace(config, kv_cache_memory=kv_memory)
+    engine = Engine(config)
     dtype = engine.runner.dtype
     settings["dtype"] = str(dtype).replace("torch.", "")
     settings["weights"] = engine.runner.model.weight_format
     settings["block_size"] = engine.config.block_size
     settings["kv_blocks"] = engine.pool.num_blocks
+    settings["kv_cache_memory"] = config.kv_cache_memory
     eng = run_engine(engine, prompts, out_len, args.single_stream_runs)
     del eng["outputs"]
     result = {**eng}

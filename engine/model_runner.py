@@ -70,6 +70,10 @@ def keep_quantized(config: EngineConfig) -> bool:
             or native_kernel(dtype) is not None)
 
 
+#: The CPU KV cache's size when --kv-cache-memory is not given.
+DEFAULT_KV_CACHE_MEMORY = 1 << 30
+
+
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
     return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
@@ -110,7 +114,7 @@ class ModelRunner:
             used = total - free
             budget = int(total * cfg.gpu_memory_utilization) - used - (512 << 20)
         else:
-            budget = cfg.kv_cache_memory or (1 << 30)
+            budget = cfg.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
         n = budget // per_block
         if n < 1:
             raise ValueError(

@@ -28,3 +28,37 @@ def test_single_stream_runs_must_be_positive():
     args = build_parser().parse_args(["bench", "offline", "--single-stream-runs", "0"])
     with pytest.raises(SystemExit, match="--single-stream-runs must be at least 1"):
         offline.run(args)
+
+
+def test_the_default_kv_budget_holds_the_whole_set_at_once(monkeypatch):
+    """kv_bytes_for: an engine given exactly that many bytes runs every request of the set
+    side by side (none preempted), and one block fewer a request does not fit."""
+    import torch
+
+    from splitserve.engine import scheduler as sched
+    from splitserve.engine.model_runner import kv_block_bytes
+
+    cfg = tiny_model_config(vocab_size=512)
+    prompts = offline.make_prompts(6, 20, 60, cfg.vocab_size, seed=2)
+    need = offline.kv_bytes_for(prompts, 9, cfg, 16, torch.float32)
+    per_block = kv_block_bytes(cfg, 16, torch.float32)
+    assert need == sum(-(-(len(p) + 9) // 16) for p in prompts) * per_block
+    preempted = []
+    real = sched.Scheduler._preempt
+
+    def count(self, req):
+        preempted.append(req.request_id)
+        return real(self, req)
+
+    monkeypatch.setattr(sched.Scheduler, "_preempt", count)
+
+    def engine(kv_bytes):
+        return tiny_engine(cfg, kv_cache_memory=kv_bytes, num_kv_blocks=None, block_size=16,
+                           max_num_seqs=64, max_num_batched_tokens=512)
+
+    full = engine(need)
+    assert full.pool.num_blocks * per_block == need
+    offline.run_engine(full, prompts, out_len=9, single_runs=1)
+    assert preempted == []
+    offline.run_engine(engine(need - len(prompts) * per_block), prompts, out_len=9, single_runs=1)
+    assert preempted, "a cache short of the set's size should have preempted a request"
