@@ -60,6 +60,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from splitserve.engine.config import KV_CACHE_DTYPES
 from splitserve.kv_transfer.config import TRANSPORT_KINDS
 
 logger = logging.getLogger(__name__)
@@ -89,8 +90,10 @@ class DisaggBenchConfig:
 
     #: Model both setups serve (serve's --model).
     model: str = "smollm2-135m"
-    #: Weights and KV dtype of every worker.
+    #: Weights dtype of every worker.
     dtype: str = "auto"
+    #: KV cache dtype of every worker (serve's --kv-cache-dtype; auto: dtype's).
+    kv_cache_dtype: str = "auto"
     #: KV transport of the disaggregated setup (auto: NIXL when it starts, else gRPC).
     kv_transport: str = "auto"
     #: Inclusive ranges the input and output lengths are drawn from, uniformly.
@@ -133,6 +136,9 @@ class DisaggBenchConfig:
                 raise ValueError(f"{name} must be {least} <= LO <= HI, got {lo} {hi}")
         if self.rates is not None and (not self.rates or min(self.rates) <= 0):
             raise ValueError("rates must be > 0")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be {'|'.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         if not self.rate_multipliers or min(self.rate_multipliers) <= 0:
             raise ValueError("rate multipliers must be > 0")
         if self.num_requests < 1:
@@ -405,7 +411,7 @@ def _load() -> list[float]:
 
 def serve_flags(name: str, cfg: DisaggBenchConfig) -> list[str]:
     flags = [*SETUPS[name], "--model", cfg.model, "--dtype", cfg.dtype,
-             "--num-threads-per-worker", "1", "--port", "0"]
+             "--kv-cache-dtype", cfg.kv_cache_dtype, "--num-threads-per-worker", "1", "--port", "0"]
     if cfg.pin_workers:
         flags.append("--pin-workers")
     if name == "disaggregated":
@@ -609,6 +615,9 @@ def register(subparsers) -> None:
     p.add_argument("--osl-range", type=int, nargs=2, default=(64, 128), metavar=("LO", "HI"))
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--kv-transport", default="auto", choices=TRANSPORT_KINDS)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="every worker's KV cache element type (bfloat16 with a float32 model: "
+                        "half the bytes each decode step reads and each handoff moves)")
     p.add_argument("--max-prefill-queue", type=int, default=None,
                    help="disaggregated frontend's --max-prefill-queue (default: serve's)")
     p.add_argument("--max-local-prefill-tokens", type=int, default=None,
@@ -627,7 +636,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     try:
         cfg = DisaggBenchConfig(
-            model=args.model, kv_transport=args.kv_transport,
+            model=args.model, kv_transport=args.kv_transport, kv_cache_dtype=args.kv_cache_dtype,
             isl_range=tuple(args.isl_range), osl_range=tuple(args.osl_range),
             rates=tuple(args.rates) if args.rates else None,
             rate_multipliers=QUICK_RATE_MULTIPLIERS if args.quick else FULL_RATE_MULTIPLIERS,

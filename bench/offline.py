@@ -12,7 +12,7 @@ import logging
 import statistics
 import time
 
-from splitserve.engine.config import QUANTIZATIONS
+from splitserve.engine.config import KV_CACHE_DTYPES, QUANTIZATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,10 @@ def register(subparsers) -> None:
                    help="the engine's KV cache (e.g. 2GiB); default: room for every request "
                         "of the set at once (as transformers' batches get), at least the "
                         "engine's own default")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="the engine's KV cache element type (auto: --dtype's; bfloat16 with a "
+                        "float32 model halves the bytes a decode step reads; transformers keeps "
+                        "its own cache in --dtype)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -143,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     from splitserve.bench.common import emit, machine_info
     from splitserve.engine.config import EngineConfig, parse_memory_size
     from splitserve.engine.engine import Engine
-    from splitserve.engine.model_runner import DEFAULT_KV_CACHE_MEMORY, resolve_dtype
+    from splitserve.engine.model_runner import (DEFAULT_KV_CACHE_MEMORY, resolve_dtype,
+                                                resolve_kv_cache_dtype)
     from splitserve.engine.model_loader import load_model_config, resolve_model
 
     if args.single_stream_runs < 1:
@@ -164,12 +169,13 @@ def run(args: argparse.Namespace) -> int:
     }
     config = EngineConfig(model=args.model, dtype=args.dtype, num_threads=threads,
                           max_num_seqs=max(64, n), max_num_batched_tokens=2048,
-                          quantization=args.quantization)
+                          quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     if args.kv_cache_memory is not None:
         kv_memory = parse_memory_size(args.kv_cache_memory)
     else:  # with 1 GiB, a float32 cache holds ~23k of the full set's ~41k tokens
-        need = kv_bytes_for(prompts, out_len, cfg, config.block_size,
-                            resolve_dtype(args.dtype, torch.device("cpu")))
+        cpu = torch.device("cpu")
+        kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, resolve_dtype(args.dtype, cpu), cpu)
+        need = kv_bytes_for(prompts, out_len, cfg, config.block_size, kv_dtype)
         kv_memory = max(need, DEFAULT_KV_CACHE_MEMORY)
     config = dataclasses.replace(config, kv_cache_memory=kv_memory)
     engine = Engine(config)
@@ -179,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
     settings["block_size"] = engine.config.block_size
     settings["kv_blocks"] = engine.pool.num_blocks
     settings["kv_cache_memory"] = config.kv_cache_memory
+    settings["kv_cache_dtype"] = str(engine.runner.kv_dtype).replace("torch.", "")
     eng = run_engine(engine, prompts, out_len, args.single_stream_runs)
     del eng["outputs"]
     result = {**eng}

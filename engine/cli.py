@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .config import ATTENTION_BACKENDS, DEFAULT_MODEL, QUANTIZATIONS, EngineConfig
+from .config import (ATTENTION_BACKENDS, DEFAULT_MODEL, KV_CACHE_DTYPES, QUANTIZATIONS,
+                     EngineConfig)
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -16,6 +17,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--kv-cache-memory", default=None,
                    help="KV cache size on CPU, e.g. 1GiB (default 1GiB)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="the KV cache's element type: auto (the model's) | bfloat16 (a float32 "
+                        "model on CPU: half the KV bytes to hold, move and read each decode step; "
+                        "keys and values rounded to bfloat16)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -48,6 +53,7 @@ def engine_config_from_args(args: argparse.Namespace, **over):
     fields = dict(
         model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
         kv_cache_memory=parse_memory_size(args.kv_cache_memory) if args.kv_cache_memory else None,
+        kv_cache_dtype=args.kv_cache_dtype,
         gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs if args.max_num_seqs is not None else EngineConfig.max_num_seqs,

@@ -11,6 +11,8 @@ DEFAULT_MODEL = "smollm2-135m"
 QUANTIZATIONS = ("auto", "none", "q4_1")
 #: `--attention-backend` choices (EngineConfig.attention_backend).
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "flashinfer")
+#: `--kv-cache-dtype` choices (EngineConfig.kv_cache_dtype).
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 
 #: Architectures the Llama-family model code runs.
 SUPPORTED_ARCHITECTURES = (
@@ -63,6 +65,11 @@ class EngineConfig:
     block_size: int = 16
     #: Bytes of KV cache on CPU (`--kv-cache-memory`); None: 1 GiB.
     kv_cache_memory: int | None = None
+    #: The KV cache's element type (`--kv-cache-dtype`): auto (the model's dtype) |
+    #: bfloat16 (for a float32 model on CPU: half the bytes a block holds, moves and a
+    #: decode step reads; keys and values rounded to bfloat16, so no longer exact float32) |
+    #: float32.
+    kv_cache_dtype: str = "auto"
     #: Fraction of GPU memory for weights + KV (`--gpu-memory-utilization`).
     gpu_memory_utilization: float = 0.9
     #: Override the number of KV blocks (tests); wins over the memory budget.
@@ -103,6 +110,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be {'|'.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto|cpu|cuda, got {self.device!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -47,6 +47,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def resolve_kv_cache_dtype(name: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype for `--kv-cache-dtype name` and the model's dtype: auto is the
+    model's; a narrower one runs on CPU only (the CPU backends read it back widened), and
+    never a wider one (nothing reads a float32 cache with bfloat16 q)."""
+    if name == "auto":
+        return dtype
+    kv = _DTYPES[name]
+    if kv == dtype:
+        return kv
+    if torch.finfo(kv).bits > torch.finfo(dtype).bits:
+        raise ValueError(f"--kv-cache-dtype {name} is wider than the model's dtype "
+                         f"({str(dtype).removeprefix('torch.')}); use auto or a narrower one")
+    if device.type != "cpu":
+        raise ValueError(f"--kv-cache-dtype {name} with a {str(dtype).removeprefix('torch.')} "
+                         "model runs on CPU only (on GPU use auto)")
+    return kv
+
+
 def keep_quantized(config: EngineConfig) -> bool:
     """Whether to load a GGUF file's Q4_1 (and Q8_0) matrices quantized (see
     EngineConfig.quantization)."""
@@ -86,29 +104,31 @@ class ModelRunner:
         self.model_cfg = model_cfg
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype, self.device)
         self.block_size = config.block_size
         self.model = LlamaForCausalLM(model_cfg, self.dtype, self.device, max_model_len)
         self.model.load_weights(state_dict)
-        self.attn = get_backend(config.attention_backend, self.device)
+        self.attn = get_backend(config.attention_backend, self.device, self.dtype)
         self.num_blocks = self._num_blocks()
         shape = (self.num_blocks, model_cfg.num_layers, 2, self.block_size,
                  model_cfg.num_kv_heads, model_cfg.head_dim)
         if self.device.type == "cpu":  # read at random every step: see engine/hugepages.py
-            self.kv_cache = zeros_huge(shape, self.dtype)
+            self.kv_cache = zeros_huge(shape, self.kv_dtype)
         else:
-            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.sampler = Sampler()
         logger.info(
-            "model runner: %s on %s, %d KV blocks of %d tokens (%.1f MiB), attention=%s, "
+            "model runner: %s on %s, %d KV blocks of %d tokens (%s, %.1f MiB), attention=%s, "
             "weights=%s", self.dtype, self.device, self.num_blocks, self.block_size,
-            self.kv_cache.nbytes / 2**20, self.attn.name, self.model.weight_format,
+            str(self.kv_dtype).removeprefix("torch."), self.kv_cache.nbytes / 2**20,
+            self.attn.name, self.model.weight_format,
         )
 
     def _num_blocks(self) -> int:
         cfg = self.config
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
-        per_block = kv_block_bytes(self.model_cfg, self.block_size, self.dtype)
+        per_block = kv_block_bytes(self.model_cfg, self.block_size, self.kv_dtype)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             used = total - free

@@ -2,7 +2,8 @@
 cached, loaded with ctypes.
 
 - `paged_decode.c`: decode attention over the paged bfloat16 cache (`load_paged_decode`),
-  and over a float32 cache on any AVX2 CPU (`load_paged_decode_f32`);
+  and over a float32 cache on any AVX2 CPU (`load_paged_decode_f32`), float32 q over a
+  bfloat16 cache there too (`load_paged_decode_f32_bf16kv`: `--kv-cache-dtype bfloat16`);
 - `paged_prefill.c`: causal attention of a prefill chunk over the paged bfloat16 cache,
   flash-attention style (`load_paged_prefill`), and over a float32 cache on any AVX2 CPU
   (`load_paged_prefill_f32`);
@@ -73,7 +74,10 @@ class _OneDtype:
 
 class PagedDecodeKernel(_OneDtype):
     """Decode attention for bfloat16 caches laid out as the engine's
-    [num_blocks, layers, 2, block_size, kv_heads, head_dim]."""
+    [num_blocks, layers, 2, block_size, kv_heads, head_dim]. DTYPE is q's and out's type,
+    KV_DTYPE the cache's (the same but in PagedDecodeKernelF32BF16KV)."""
+
+    KV_DTYPE = torch.bfloat16
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         fn = getattr(lib, f"splitserve_paged_decode_{self.SUFFIX}")
@@ -93,9 +97,9 @@ class PagedDecodeKernel(_OneDtype):
         not check it). block_table [D, max_blocks] and seq_lens [D] int64 (tokens in the
         cache incl. this one)."""
         _, _, two, _, nkv, hd = kv_cache.shape
-        if kv_cache.dtype != self.DTYPE or hd != head_dim or two != 2:
-            raise ValueError(f"the paged-decode kernel takes {self.dtype_name} q and cache "
-                             f"of one head_dim")
+        if kv_cache.dtype != self.KV_DTYPE or hd != head_dim or two != 2:
+            raise ValueError(f"the {self.dtype_name} paged-decode kernel takes a "
+                             f"{dtype_name(self.KV_DTYPE)} cache of one head_dim")
         if not kv_cache.is_contiguous():
             raise ValueError("the paged-decode kernel takes a contiguous cache and q rows")
         if num_heads % nkv:
@@ -133,14 +137,17 @@ class PagedDecodeKernel(_OneDtype):
     def write_kv(self, kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
                  slot_block: torch.Tensor, slot_offset: torch.Tensor) -> None:
         """kv_cache[slot_block[t], layer, 0 / 1, slot_offset[t]] = k[t] / v[t] for every token
-        t: k, v [T, kv_heads, head_dim] in DTYPE with contiguous rows, slots int64 [T]."""
+        t: k, v [T, kv_heads, head_dim] in DTYPE with contiguous rows (rounded to KV_DTYPE
+        first where that differs), slots int64 [T]."""
         T, nkv, d = k.shape
         _, layers, _, bs, cnkv, cd = kv_cache.shape
-        if (kv_cache.dtype != self.DTYPE or not kv_cache.is_contiguous()
+        if self.KV_DTYPE != self.DTYPE and k.dtype == self.DTYPE:
+            k, v = k.to(self.KV_DTYPE), v.to(self.KV_DTYPE)
+        if (kv_cache.dtype != self.KV_DTYPE or not kv_cache.is_contiguous()
                 or not 0 <= layer < layers or (cnkv, cd) != (nkv, d) or v.shape != k.shape):
             raise ValueError(f"write_kv takes {self.dtype_name} k and v of the cache's heads")
         for t in (k, v):
-            if t.dtype != self.DTYPE or t.stride(2) != 1 or t.stride(1) != d:
+            if t.dtype != self.KV_DTYPE or t.stride(2) != 1 or t.stride(1) != d:
                 raise ValueError("write_kv takes k and v rows with contiguous heads")
         for t in (slot_block, slot_offset):
             if t.dtype != torch.int64 or not t.is_contiguous() or t.shape != (T,):
@@ -166,7 +173,17 @@ class PagedDecodeKernelF32(PagedDecodeKernel):
     CPU without bfloat16 units, where `--dtype auto` is float32."""
 
     DTYPE = torch.float32
+    KV_DTYPE = torch.float32
     SUFFIX = "f32"
+
+
+class PagedDecodeKernelF32BF16KV(PagedDecodeKernel):
+    """Float32 q over a bfloat16 cache (AVX2 and FMA): a float32 engine with
+    `--kv-cache-dtype bfloat16`, whose decode steps then read half the bytes."""
+
+    DTYPE = torch.float32
+    KV_DTYPE = torch.bfloat16
+    SUFFIX = "f32_bf16kv"
 
 
 class PagedPrefillKernel(_OneDtype):
@@ -534,6 +551,8 @@ def _kernel_loader(name: str, wrapper, needs: str = "AVX512-BF16", probe: str | 
 load_paged_decode = _kernel_loader("paged_decode", PagedDecodeKernel)
 load_paged_decode_f32 = _kernel_loader("paged_decode", PagedDecodeKernelF32, "AVX2/FMA",
                                        "paged_decode_f32")
+load_paged_decode_f32_bf16kv = _kernel_loader("paged_decode", PagedDecodeKernelF32BF16KV,
+                                              "AVX2/FMA", "paged_decode_f32")
 load_paged_prefill = _kernel_loader("paged_prefill", PagedPrefillKernel)
 load_paged_prefill_f32 = _kernel_loader("paged_prefill", PagedPrefillKernelF32, "AVX2/FMA",
                                         "paged_prefill_f32")
@@ -542,7 +561,8 @@ load_quant_gemm = _kernel_loader("quant_gemm", QuantGemm)
 load_quant_gemm_f32 = _kernel_loader("quant_gemm_f32", QuantGemmF32, "AVX2/FMA/F16C")
 load_layer_ops = _kernel_loader("layer_ops", LayerOps)
 load_layer_ops_f32 = _kernel_loader("layer_ops", LayerOpsF32, "AVX2/FMA", "layer_ops_f32")
-_LOADERS = (load_paged_decode, load_paged_decode_f32, load_paged_prefill,
+_LOADERS = (load_paged_decode, load_paged_decode_f32, load_paged_decode_f32_bf16kv,
+            load_paged_prefill,
             load_paged_prefill_f32, load_small_gemm, load_quant_gemm, load_quant_gemm_f32,
             load_layer_ops, load_layer_ops_f32)
 

@@ -13,6 +13,7 @@ _VALUED = (
     ("--device", "device"),
     ("--block-size", "block_size"),
     ("--kv-cache-memory", "kv_cache_memory"),
+    ("--kv-cache-dtype", "kv_cache_dtype"),
     ("--gpu-memory-utilization", "gpu_memory_utilization"),
     ("--max-model-len", "max_model_len"),
     ("--max-num-batched-tokens", "max_num_batched_tokens"),

@@ -18,9 +18,10 @@ _BACKENDS = {
 }
 
 
-def get_backend(name: str, device) -> AttentionBackend:
+def get_backend(name: str, device, dtype=None) -> AttentionBackend:
     """Instantiate a backend; `auto` picks flashinfer on CUDA when importable, cpu on CPU,
-    else torch."""
+    else torch. dtype: the model's (the cpu backend picks its kernels by it and the
+    cache's)."""
     import importlib
 
     if name == "auto":
@@ -36,7 +37,7 @@ def get_backend(name: str, device) -> AttentionBackend:
         raise ValueError(f"unknown attention backend {name!r}; choose from {sorted(_BACKENDS)}")
     module_name, cls_name = _BACKENDS[name].split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls()
+    return cls(dtype) if name == "cpu" else cls()
 
 
 __all__ = ["AttentionBackend", "AttentionMetadata", "build_metadata", "get_backend"]

@@ -58,22 +58,25 @@ class TorchAttentionBackend:
     @staticmethod
     def _write_cache(layer: int, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                      meta: AttentionMetadata) -> None:
-        """This step's k and v [T, kv_heads, d] into their cache slots."""
+        """This step's k and v [T, kv_heads, d] into their cache slots (rounded to the
+        cache's dtype where it is narrower: `--kv-cache-dtype`)."""
         layer_cache = kv_cache[:, layer]  # [NB, 2, bs, nkv, d] (a view)
-        layer_cache[meta.slot_block, 0, meta.slot_offset] = k
-        layer_cache[meta.slot_block, 1, meta.slot_offset] = v
+        layer_cache[meta.slot_block, 0, meta.slot_offset] = k.to(kv_cache.dtype)
+        layer_cache[meta.slot_block, 1, meta.slot_offset] = v.to(kv_cache.dtype)
 
     def _prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  kv_cache: torch.Tensor, ctx: int, table: torch.Tensor,
                  out: torch.Tensor) -> None:
         """One prefill chunk: q, k, v [q_len, heads, d] at positions ctx - q_len .. ctx - 1
-        (their k/v already in the cache at `table`), causal attention written into out."""
+        (their k/v already in the cache at `table`), causal attention written into out.
+        Over a cache narrower than q (`--kv-cache-dtype`), every key and value is read back
+        from the cache, the chunk's own included, so prefill and decode see the same ones."""
         q_len, nh, d = q.shape
         nkv = k.shape[1]
         # SDPA gets 4-D [1, heads, len, dim] inputs: with 3-D ones torch takes a path several
         # times slower on CPU (measured: 2,048-token causal prefill 740 ms vs 150 ms a layer).
         qi = q.transpose(0, 1).unsqueeze(0)  # [1, nh, q, d]
-        if ctx == q_len:
+        if ctx == q_len and kv_cache.dtype == q.dtype:
             # No earlier context: attend over this chunk's own k/v, causally.
             ki = k.transpose(0, 1).unsqueeze(0)
             vi = v.transpose(0, 1).unsqueeze(0)
@@ -82,7 +85,7 @@ class TorchAttentionBackend:
             layer_cache = kv_cache[:, layer]
             ki = layer_cache[:, 0].index_select(0, table).view(-1, nkv, d)[:ctx]
             vi = layer_cache[:, 1].index_select(0, table).view(-1, nkv, d)[:ctx]
-            ki, vi = (x.transpose(0, 1).unsqueeze(0) for x in (ki, vi))
+            ki, vi = (x.to(q.dtype).transpose(0, 1).unsqueeze(0) for x in (ki, vi))
             pos_q = torch.arange(ctx - q_len, ctx, device=q.device)
             mask = torch.arange(ctx, device=q.device)[None, :] <= pos_q[:, None]
             o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, enable_gqa=nh != nkv)
@@ -103,19 +106,25 @@ class TorchAttentionBackend:
         Measured on this CPU against batched matmuls over permuted gathered copies (1
         thread): 1 request at 1k context 450 -> ~200 us a layer; 32 requests at 1k,
         V alone: 2.9 -> 1.1 ms.
+
+        Over a cache narrower than q (`--kv-cache-dtype`) K and V are gathered and widened
+        (the bag sums rows of the cache's dtype, and the weights must not be rounded to it).
         """
         D, nh, d = q.shape
         g = nh // nkv
         layer_cache = kv_cache[:, layer]
         flat = meta.decode_block_table.reshape(-1)
         L = meta.decode_block_table.shape[1] * meta.block_size
-        k = layer_cache[:, 0].index_select(0, flat).view(D, L * nkv, d)
+        k = layer_cache[:, 0].index_select(0, flat).view(D, L * nkv, d).to(q.dtype)
         s = torch.bmm(q, k.transpose(1, 2))  # [D, nh, L * nkv]
         # [D, kv_head, g, L, kv_head] -> its own kv head -> [D, g, kv_head, L]
         s = s.view(D, nkv, g, L, nkv).diagonal(dim1=1, dim2=4).transpose(2, 3)
         state = meta.backend_state
         s = torch.add(state["bias"], s, alpha=d ** -0.5)  # float32
         p = s.softmax(dim=-1).to(q.dtype)  # [D, g, kv_head, L]; padding gets exactly 0
+        if kv_cache.dtype != q.dtype:
+            v = layer_cache[:, 1].index_select(0, flat).view(D, L, nkv, d).to(q.dtype)
+            return torch.einsum("bgkl,blkd->bkgd", p, v).reshape(D, nh, d)
         bs = meta.block_size
         rows = kv_cache.view(-1, d)[(layer * 2 + 1) * bs * nkv :]  # this layer's V, block 0 on
         o = F.embedding_bag(state["pv_index"], rows, state["pv_offsets"], mode="sum",

@@ -287,9 +287,32 @@ static void decode_part(const uint16_t *q, const uint16_t *layer_k, int64_t bloc
     }
 }
 
-/* ---- float32 cache ------------------------------------------------------------------ */
+/* ---- float32 queries: a float32 cache, or a bfloat16 one (kv16) -------------------- */
+
+/* The float32 path reads its cache through these: element i of a float32 cache (kv16 == 0)
+ * or of a bfloat16 one (kv16 == 1: a float32 engine's `--kv-cache-dtype bfloat16`, half the
+ * bytes a step reads), as float32. kv16 is a constant wherever they are inlined, so each
+ * instantiation below compiles to plain loads or to one widen-and-shift. */
+#define KV_ES(kv16) ((kv16) ? 2 : 4)
+
+static inline __attribute__((always_inline)) const void *kv_at(const void *p, int64_t i,
+                                                               const int kv16) {
+    return (const char *)p + i * KV_ES(kv16);
+}
+
+static inline __attribute__((always_inline)) float kv_elem(const void *p, int64_t i,
+                                                           const int kv16) {
+    return kv16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
 
 #if SPLITSERVE_F32_SIMD
+static inline __attribute__((always_inline)) __m256 kv_load8(const void *p, int64_t i,
+                                                             const int kv16) {
+    if (!kv16) return _mm256_loadu_ps((const float *)p + i);
+    const __m128i raw = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
 /* The 8 lane sums of a[0..7] as the 8 lanes of one vector (two rounds of hadd, then the
  * two 128-bit halves added). */
 static inline __m256 hsum8x8_ps(const __m256 *a) {
@@ -299,10 +322,11 @@ static inline __m256 hsum8x8_ps(const __m256 *a) {
                          _mm256_permute2f128_ps(t0, t1, 0x31));
 }
 
-/* scores16 for a float32 cache, 8 tokens at a time (all 8 rows inside the block, the first
+/* scores16 for float32 queries, 8 tokens at a time (all 8 rows inside the block, the first
  * m real): one FMA accumulator a token, summed 8 at a time by hsum8x8_ps. */
-static void scores8_f32(const float *k, int64_t tok, const float *q, int g, int d, float *s,
-                        int64_t s_stride, int m, pf_cursor *pc, int share) {
+static inline __attribute__((always_inline)) void scores8_f32(
+    const void *k, int64_t tok, const float *q, int g, int d, float *s, int64_t s_stride, int m,
+    pf_cursor *pc, int share, const int kv16) {
     for (int j = 0; j < g; j++) {
         pf_take(pc, share);
         __m256 a[8];
@@ -312,7 +336,7 @@ static void scores8_f32(const float *k, int64_t tok, const float *q, int g, int 
             const __m256 qv = _mm256_loadu_ps(q + j * d + c);
 #pragma GCC unroll 8
             for (int t = 0; t < 8; t++)
-                a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(k + t * tok + c), qv, a[t]);
+                a[t] = _mm256_fmadd_ps(kv_load8(k, t * tok + c, kv16), qv, a[t]);
         }
         const __m256 r = hsum8x8_ps(a);
         if (m >= 8) {
@@ -325,12 +349,12 @@ static void scores8_f32(const float *k, int64_t tok, const float *q, int g, int 
     }
 }
 
-/* accumulate_head for a float32 cache with head_dim a multiple of 16 and G <= 6 query
+/* accumulate_head for float32 queries with head_dim a multiple of 16 and G <= 6 query
  * heads a kv head: 16 columns at a time, the G x 2 accumulators in registers (all 64 of
  * a head would need 8 G of AVX2's 16). */
 static inline __attribute__((always_inline)) void accumulate16_f32(
-    const float *v, int64_t stride, int n, const float *p, int64_t p_stride, const int G,
-    int d, float *acc, pf_cursor *pc, int share) {
+    const void *v, int64_t stride, int n, const float *p, int64_t p_stride, const int G,
+    int d, float *acc, pf_cursor *pc, int share, const int kv16) {
     for (int c = 0; c < d; c += 16) {
         __m256 a[6][2];
 #pragma GCC unroll 6
@@ -338,8 +362,8 @@ static inline __attribute__((always_inline)) void accumulate16_f32(
             a[j][0] = _mm256_loadu_ps(acc + j * d + c), a[j][1] = _mm256_loadu_ps(acc + j * d + c + 8);
         for (int t = 0; t < n; t++) {
             if (c == 0) pf_take(pc, share);
-            const __m256 r0 = _mm256_loadu_ps(v + t * stride + c),
-                         r1 = _mm256_loadu_ps(v + t * stride + c + 8);
+            const __m256 r0 = kv_load8(v, t * stride + c, kv16),
+                         r1 = kv_load8(v, t * stride + c + 8, kv16);
 #pragma GCC unroll 6
             for (int j = 0; j < G; j++) {
                 const __m256 w = _mm256_broadcast_ss(p + j * p_stride + t);
@@ -354,18 +378,18 @@ static inline __attribute__((always_inline)) void accumulate16_f32(
 }
 #endif
 
-static void accumulate_head_f32(const float *v, int64_t stride, int n, const float *p,
-                                int64_t p_stride, int g, int d, float *acc, pf_cursor *pc,
-                                int share) {
+static inline __attribute__((always_inline)) void accumulate_head_f32(
+    const void *v, int64_t stride, int n, const float *p, int64_t p_stride, int g, int d,
+    float *acc, pf_cursor *pc, int share, const int kv16) {
 #if SPLITSERVE_F32_SIMD
     if (d % 16 == 0) {
         switch (g) {
-        case 1: accumulate16_f32(v, stride, n, p, p_stride, 1, d, acc, pc, share); return;
-        case 2: accumulate16_f32(v, stride, n, p, p_stride, 2, d, acc, pc, share); return;
-        case 3: accumulate16_f32(v, stride, n, p, p_stride, 3, d, acc, pc, share); return;
-        case 4: accumulate16_f32(v, stride, n, p, p_stride, 4, d, acc, pc, share); return;
-        case 5: accumulate16_f32(v, stride, n, p, p_stride, 5, d, acc, pc, share); return;
-        case 6: accumulate16_f32(v, stride, n, p, p_stride, 6, d, acc, pc, share); return;
+        case 1: accumulate16_f32(v, stride, n, p, p_stride, 1, d, acc, pc, share, kv16); return;
+        case 2: accumulate16_f32(v, stride, n, p, p_stride, 2, d, acc, pc, share, kv16); return;
+        case 3: accumulate16_f32(v, stride, n, p, p_stride, 3, d, acc, pc, share, kv16); return;
+        case 4: accumulate16_f32(v, stride, n, p, p_stride, 4, d, acc, pc, share, kv16); return;
+        case 5: accumulate16_f32(v, stride, n, p, p_stride, 5, d, acc, pc, share, kv16); return;
+        case 6: accumulate16_f32(v, stride, n, p, p_stride, 6, d, acc, pc, share, kv16); return;
         default: break;
         }
     }
@@ -373,29 +397,29 @@ static void accumulate_head_f32(const float *v, int64_t stride, int n, const flo
     for (int t = 0; t < n; t++)
         for (int j = 0; j < g; j++) {
             const float w = p[j * p_stride + t];
-            for (int c = 0; c < d; c++) acc[j * d + c] += w * v[t * stride + c];
+            for (int c = 0; c < d; c++) acc[j * d + c] += w * kv_elem(v, t * stride + c, kv16);
         }
 }
 
-/* decode_part for a float32 cache (q float32; no bf16 copy of q). */
-static void decode_part_f32(const float *q, const float *layer_k, int64_t block_stride,
-                            int64_t v_off, const int64_t *table, int64_t t_begin, int64_t t_end,
-                            int nkv, int g, int d, int bs, float scale, float *s, float *qf,
-                            float *m, float *l, float *acc) {
+/* decode_part for float32 q (no bf16 copy of q) over a float32 or (kv16) bfloat16 cache. */
+static inline __attribute__((always_inline)) void decode_part_f32(
+    const float *q, const void *layer_k, int64_t block_stride, int64_t v_off,
+    const int64_t *table, int64_t t_begin, int64_t t_end, int nkv, int g, int d, int bs,
+    float scale, float *s, float *qf, float *m, float *l, float *acc, const int kv16) {
     const int nh = nkv * g;
     table += t_begin / bs;
     const int64_t len = t_end - t_begin;
-    const int64_t tok = (int64_t)nkv * d, blk_bytes = (int64_t)bs * tok * 4;
+    const int64_t tok = (int64_t)nkv * d, blk_bytes = (int64_t)bs * tok * KV_ES(kv16);
     const int64_t nblocks = (len + bs - 1) / bs;
     const char *kb = (const char *)layer_k;
-    const int64_t sb = block_stride * 4, vb = v_off * 4;
+    const int64_t sb = block_stride * KV_ES(kv16), vb = v_off * KV_ES(kv16);
     for (int i = 0; i < nh * d; i++) qf[i] = q[i] * scale;
     const int blk_lines = (int)((blk_bytes + 63) / 64);
     pf_cursor pc = {0, 0};
     for (int64_t i = 0; i < PREFETCH_BLOCKS; i++)
         pf_seek(&pc, kb, table, sb, vb, nblocks, i, blk_bytes);
     for (int64_t b = 0; b < nblocks; b++) {
-        const float *k = layer_k + table[b] * block_stride;
+        const void *k = kv_at(layer_k, table[b] * block_stride, kv16);
         pf_seek(&pc, kb, table, sb, vb, nblocks, b + PREFETCH_BLOCKS, blk_bytes);
         const int64_t t0 = b * bs;
         const int n = (int)(len - t0 < bs ? len - t0 : bs);
@@ -404,31 +428,49 @@ static void decode_part_f32(const float *q, const float *layer_k, int64_t block_
             const int calls = (bs / 8) * nkv * g, k_share = (blk_lines + calls - 1) / calls;
             for (int tt = 0; tt < n; tt += 8)
                 for (int h = 0; h < nkv; h++)
-                    scores8_f32(k + tt * tok + h * d, tok, qf + (int64_t)h * g * d, g, d,
-                                s + (int64_t)h * g * len + t0 + tt, len, n - tt, &pc, k_share);
+                    scores8_f32(kv_at(k, tt * tok + h * d, kv16), tok, qf + (int64_t)h * g * d,
+                                g, d, s + (int64_t)h * g * len + t0 + tt, len, n - tt, &pc,
+                                k_share, kv16);
             continue;
         }
 #endif
         for (int t = 0; t < n; t++)
             for (int qh = 0; qh < nh; qh++) {
-                const float *row = k + t * tok + (qh / g) * d;
+                const int64_t row = t * tok + (qh / g) * d;
                 float dot = 0.f;
-                for (int c = 0; c < d; c++) dot += qf[qh * d + c] * row[c];
+                for (int c = 0; c < d; c++) dot += qf[qh * d + c] * kv_elem(k, row + c, kv16);
                 s[qh * len + t0 + t] = dot;
             }
     }
     for (int qh = 0; qh < nh; qh++) l[qh] = exp_shifted(s + qh * len, len, &m[qh]);
     memset(acc, 0, sizeof(float) * nh * d);
     for (int64_t b = 0; b < nblocks; b++) {
-        const float *v = layer_k + table[b] * block_stride + v_off;
+        const void *v = kv_at(layer_k, table[b] * block_stride + v_off, kv16);
         pf_seek(&pc, kb, table, sb, vb, nblocks, nblocks + b + PREFETCH_BLOCKS, blk_bytes);
         const int64_t t0 = b * bs;
         const int n = (int)(len - t0 < bs ? len - t0 : bs);
         const int v_share = (blk_lines + n * nkv - 1) / (n * nkv);
         for (int h = 0; h < nkv; h++)
-            accumulate_head_f32(v + h * d, tok, n, s + (int64_t)h * g * len + t0, len, g, d,
-                                acc + h * g * d, &pc, v_share);
+            accumulate_head_f32(kv_at(v, h * d, kv16), tok, n, s + (int64_t)h * g * len + t0,
+                                len, g, d, acc + h * g * d, &pc, v_share, kv16);
     }
+}
+
+/* The two instantiations. */
+static void decode_part_f32_kv32(const float *q, const void *layer_k, int64_t block_stride,
+                                 int64_t v_off, const int64_t *table, int64_t t_begin,
+                                 int64_t t_end, int nkv, int g, int d, int bs, float scale,
+                                 float *s, float *qf, float *m, float *l, float *acc) {
+    decode_part_f32(q, layer_k, block_stride, v_off, table, t_begin, t_end, nkv, g, d, bs,
+                    scale, s, qf, m, l, acc, 0);
+}
+
+static void decode_part_f32_kv16(const float *q, const void *layer_k, int64_t block_stride,
+                                 int64_t v_off, const int64_t *table, int64_t t_begin,
+                                 int64_t t_end, int nkv, int g, int d, int bs, float scale,
+                                 float *s, float *qf, float *m, float *l, float *acc) {
+    decode_part_f32(q, layer_k, block_stride, v_off, table, t_begin, t_end, nkv, g, d, bs,
+                    scale, s, qf, m, l, acc, 1);
 }
 
 /* ---- both caches ---------------------------------------------------------------------- */
@@ -462,9 +504,13 @@ static void merge_parts(const float *state, int64_t part_stride, int parts, int 
     }
 }
 
-/* q: [D, nkv * g, d] in the cache's type (bf16, or float32 when f32), request r's heads at
+/* Which q and cache a call has: bfloat16 both, float32 both, or float32 q over a bfloat16
+ * cache. */
+enum { Q16_KV16, Q32_KV32, Q32_KV16 };
+
+/* q: [D, nkv * g, d] (bf16 for Q16_KV16, else float32), request r's heads at
  * q + r * q_stride elements, contiguous (query head j of kv head h is h * g + j, HF's
- * grouping); out: [D, nkv * g, d] contiguous, same type; strides in elements.
+ * grouping); out: [D, nkv * g, d] contiguous, q's type; strides in elements.
  * tables: [D, max_blocks] int64; seq_lens: [D] int64 (tokens incl. this one).
  * Requests are the units split over threads; with fewer requests than threads each is cut
  * into runs of blocks (one a thread, flash-decoding style) whose softmax states merge at
@@ -474,7 +520,8 @@ static void merge_parts(const float *state, int64_t part_stride, int parts, int 
 static int paged_decode(const void *q, int64_t q_stride, void *out, const void *layer_k,
                         int64_t block_stride, int64_t v_off, const int64_t *tables,
                         int64_t max_blocks, const int64_t *seq_lens, int D, int nkv, int g, int d,
-                        int bs, float scale, int num_threads, int f32) {
+                        int bs, float scale, int num_threads, int mode) {
+    const int f32 = mode != Q16_KV16;
     if (D < 0 || g < 1 || nkv < 1 || d < 1 || bs < 1 || max_blocks < 1) return -1;
     int64_t max_len = 0;
     for (int r = 0; r < D; r++) {
@@ -510,10 +557,14 @@ static int paged_decode(const void *q, int64_t q_stride, void *out, const void *
                 continue;
             }
             const int64_t *table = tables + (int64_t)r * max_blocks;
-            if (f32)
-                decode_part_f32((const float *)q + r * q_stride, layer_k, block_stride, v_off,
-                                table, t0, t1, nkv, g, d, bs, scale, s, qf, st, st + nh,
-                                st + 2 * nh);
+            if (mode == Q32_KV32)
+                decode_part_f32_kv32((const float *)q + r * q_stride, layer_k, block_stride,
+                                     v_off, table, t0, t1, nkv, g, d, bs, scale, s, qf, st,
+                                     st + nh, st + 2 * nh);
+            else if (mode == Q32_KV16)
+                decode_part_f32_kv16((const float *)q + r * q_stride, layer_k, block_stride,
+                                     v_off, table, t0, t1, nkv, g, d, bs, scale, s, qf, st,
+                                     st + nh, st + 2 * nh);
             else
                 decode_part((const uint16_t *)q + r * q_stride, layer_k, block_stride, v_off,
                             table, t0, t1, nkv, g, d, bs, scale, s, qf,
@@ -535,7 +586,7 @@ int splitserve_paged_decode_bf16(const uint16_t *q, int64_t q_stride, uint16_t *
                                  const int64_t *seq_lens, int D, int nkv, int g, int d, int bs,
                                  float scale, int num_threads) {
     return paged_decode(q, q_stride, out, layer_k, block_stride, v_off, tables, max_blocks,
-                        seq_lens, D, nkv, g, d, bs, scale, num_threads, 0);
+                        seq_lens, D, nkv, g, d, bs, scale, num_threads, Q16_KV16);
 }
 
 int splitserve_paged_decode_f32(const float *q, int64_t q_stride, float *out,
@@ -544,7 +595,17 @@ int splitserve_paged_decode_f32(const float *q, int64_t q_stride, float *out,
                                 const int64_t *seq_lens, int D, int nkv, int g, int d, int bs,
                                 float scale, int num_threads) {
     return paged_decode(q, q_stride, out, layer_k, block_stride, v_off, tables, max_blocks,
-                        seq_lens, D, nkv, g, d, bs, scale, num_threads, 1);
+                        seq_lens, D, nkv, g, d, bs, scale, num_threads, Q32_KV32);
+}
+
+/* float32 q and out over a bfloat16 cache (a float32 engine's `--kv-cache-dtype bfloat16`). */
+int splitserve_paged_decode_f32_bf16kv(const float *q, int64_t q_stride, float *out,
+                                       const uint16_t *layer_k, int64_t block_stride,
+                                       int64_t v_off, const int64_t *tables, int64_t max_blocks,
+                                       const int64_t *seq_lens, int D, int nkv, int g, int d,
+                                       int bs, float scale, int num_threads) {
+    return paged_decode(q, q_stride, out, layer_k, block_stride, v_off, tables, max_blocks,
+                        seq_lens, D, nkv, g, d, bs, scale, num_threads, Q32_KV16);
 }
 
 SPLITSERVE_BF16_PROBE(paged_decode)

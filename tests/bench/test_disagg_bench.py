@@ -208,3 +208,15 @@ def test_disaggregated_setup_takes_the_frontend_routing_flags():
     assert flags[flags.index("--max-local-prefill-tokens") + 1] == "0"
     assert flags[flags.index("--max-prefill-queue") + 1] == "2"
     assert "--max-local-prefill-tokens" not in serve_flags("aggregated", DisaggBenchConfig(max_local_prefill_tokens=0))
+
+
+def test_both_setups_take_the_kv_cache_dtype():
+    from splitserve.bench.disagg import DisaggBenchConfig, serve_flags
+
+    for name in ("aggregated", "disaggregated"):
+        flags = serve_flags(name, DisaggBenchConfig(kv_cache_dtype="bfloat16"))
+        assert flags[flags.index("--kv-cache-dtype") + 1] == "bfloat16"
+        flags = serve_flags(name, DisaggBenchConfig())
+        assert flags[flags.index("--kv-cache-dtype") + 1] == "auto"
+    with pytest.raises(ValueError, match="kv_cache_dtype must be"):
+        DisaggBenchConfig(kv_cache_dtype="fp8")

@@ -1,5 +1,5 @@
-"""The native CPU paged-decode kernels (bfloat16 cache: AVX512-BF16; float32 cache: AVX2)
-against float64 attention, and the `cpu` backend wired into the engine (decodes through the
+"""The native CPU paged-decode kernels (bfloat16 cache: AVX512-BF16; float32 cache, and
+float32 q over a bfloat16 cache: AVX2) against float64 attention, and the `cpu` backend wired into the engine (decodes through the
 kernel, same tokens as `torch`)."""
 
 from __future__ import annotations
@@ -21,13 +21,16 @@ kernel = native.load_paged_decode()
 needs_kernel = pytest.mark.skipif(kernel is None, reason="no C compiler or no AVX512-BF16: "
                                   "the kernel is not used")
 
-#: Each kernel: (loaded kernel or None, cache dtype, largest error against float64, how
-#: much larger than the torch path's its mean error may be). bfloat16: the output's
-#: rounding (2^-9 relative) and the bf16-rounded scaled q bound the error; float32: only
-#: summation order, ~1e-8 here, where either path may win by chance (measured up to 1.10x).
+#: Each kernel: (loaded kernel or None, q's dtype, largest error against float64, how
+#: much larger than the torch path's its mean error may be; the cache's dtype is the
+#: kernel's KV_DTYPE). bfloat16: the output's rounding (2^-9 relative) and the bf16-rounded
+#: scaled q bound the error; float32 q (over either cache, the reference reading the same
+#: cached values): only summation order, ~1e-8 here, where either path may win by chance
+#: (measured up to 1.10x).
 KERNELS = {
     "bf16": (kernel, torch.bfloat16, 2e-2, 1.05),
     "f32": (native.load_paged_decode_f32(), torch.float32, 2e-6, 1.25),
+    "f32-bf16kv": (native.load_paged_decode_f32_bf16kv(), torch.float32, 2e-6, 1.25),
 }
 
 
@@ -37,12 +40,13 @@ def kind(request):
     return built_kernel(KERNELS, request.param, "paged-decode kernel")
 
 
-def paged_case(lens, nkv, g, d, bs, layers=3, seed=0, dtype=torch.bfloat16):
-    """A cache with each request's blocks scattered, q, and its metadata."""
+def paged_case(lens, nkv, g, d, bs, layers=3, seed=0, dtype=torch.bfloat16, kv_dtype=None):
+    """A cache (kv_dtype, default dtype) with each request's blocks scattered, q (dtype),
+    and its metadata."""
     gen = torch.Generator().manual_seed(seed)
     nblocks = [-(-n // bs) for n in lens]
     total = sum(nblocks) + 3
-    cache = torch.randn(total, layers, 2, bs, nkv, d, generator=gen).to(dtype)
+    cache = torch.randn(total, layers, 2, bs, nkv, d, generator=gen).to(kv_dtype or dtype)
     order = (torch.randperm(total - 1, generator=gen) + 1).tolist()
     tables, i = [], 0
     for n in nblocks:
@@ -82,7 +86,7 @@ def reference(cache, q, meta, layer, nkv):
 def test_kernel_matches_float64_attention(kind, nkv, g, d, bs, threads):
     kern, dtype, tol, slack = kind
     lens = [1, bs, bs + 1, 5 * bs - 3, 37]
-    cache, q, meta = paged_case(lens, nkv, g, d, bs, dtype=dtype)
+    cache, q, meta = paged_case(lens, nkv, g, d, bs, dtype=dtype, kv_dtype=kern.KV_DTYPE)
     for layer in (0, 2):
         got = kern(q, cache, layer, meta.decode_block_table, meta.decode_seq_lens, d ** -0.5,
                    threads)
@@ -103,7 +107,7 @@ def test_slots_past_the_sequence_are_never_used(kind, bs):
     output, though the 16-token (bf16) / 8-token (f32) score runs read their rows."""
     kern, dtype, tol, _ = kind
     lens = [1, 5, 17, 2 * bs + 3]
-    cache, q, meta = paged_case(lens, 3, 3, 64, bs, dtype=dtype)
+    cache, q, meta = paged_case(lens, 3, 3, 64, bs, dtype=dtype, kv_dtype=kern.KV_DTYPE)
     for i, n in enumerate(lens):
         last = meta.decode_block_table[i][(n - 1) // bs]
         cache[last, :, :, (n - 1) % bs + 1:] = float("nan")
@@ -119,7 +123,8 @@ def test_one_request_split_over_threads_matches_float64(kind, n, threads):
     whose softmax states merge (runs with no blocks when there are fewer blocks than
     threads). Same answer as one thread, as close to float64."""
     kern, dtype, tol, _ = kind
-    cache, q, meta = paged_case([n], nkv=3, g=3, d=64, bs=16, seed=n, dtype=dtype)
+    cache, q, meta = paged_case([n], nkv=3, g=3, d=64, bs=16, seed=n, dtype=dtype,
+                                kv_dtype=kern.KV_DTYPE)
     want = reference(cache, q, meta, 1, 3)
     got = kern(q, cache, 1, meta.decode_block_table, meta.decode_seq_lens, 0.125, threads)
     assert (got.double() - want).abs().max().item() < tol
@@ -130,7 +135,8 @@ def test_one_request_split_over_threads_matches_float64(kind, n, threads):
 def test_kernel_reads_strided_queries(kind):
     """The model hands the backend q as a view of the rotated [T, q + k heads, d] tensor."""
     kern, dtype, _, _ = kind
-    cache, q, meta = paged_case([20, 33], nkv=3, g=3, d=64, bs=16, dtype=dtype)
+    cache, q, meta = paged_case([20, 33], nkv=3, g=3, d=64, bs=16, dtype=dtype,
+                                kv_dtype=kern.KV_DTYPE)
     qk = torch.cat([q, torch.randn(2, 3, 64).to(dtype)], dim=1)  # [D, 9 + 3, d]
     view = qk[:, :9]
     assert not view.is_contiguous()
@@ -141,7 +147,8 @@ def test_kernel_reads_strided_queries(kind):
 
 def test_kernel_rejects_bad_input(kind):
     kern, dtype, _, _ = kind
-    cache, q, meta = paged_case([20, 33], nkv=3, g=3, d=64, bs=16, dtype=dtype)
+    cache, q, meta = paged_case([20, 33], nkv=3, g=3, d=64, bs=16, dtype=dtype,
+                                kv_dtype=kern.KV_DTYPE)
     too_long = meta.decode_seq_lens.clone()
     too_long[1] = meta.decode_block_table.shape[1] * 16 + 1
     with pytest.raises(ValueError, match="outside its block table"):
@@ -163,15 +170,17 @@ def test_write_kv_equals_the_indexed_copies(kind):
     torch backend's two indexed copies put them, and nothing else changes."""
     kernel, dtype, _, _ = kind
     gen = torch.Generator().manual_seed(5)
-    cache = torch.randn(10, 4, 2, 16, 3, 64, generator=gen).to(dtype)
+    cache = torch.randn(10, 4, 2, 16, 3, 64, generator=gen).to(kernel.KV_DTYPE)
     qkv = torch.randn(6, 9 * 64 + 2 * 3 * 64, generator=gen).to(dtype)
     k, v = qkv[:, 576:768].view(6, 3, 64), qkv[:, 768:].view(6, 3, 64)
     meta = build_metadata([1, 1, 4], [16, 40, 0], [[3, 7], [0, 9, 2], [5]], 16,
                           torch.device("cpu"))
     want = cache.clone()
     TorchAttentionBackend._write_cache(2, k, v, want, meta)
-    CpuAttentionBackend()._write_cache(2, k, v, cache, meta)
+    CpuAttentionBackend(dtype)._write_cache(2, k, v, cache, meta)
     assert torch.equal(cache, want)
+    # a narrower cache holds k and v rounded to its dtype (to nearest even, as torch rounds)
+    assert torch.equal(cache[5, 2, 0, 3], k[5].to(kernel.KV_DTYPE))
     bad = meta.slot_block.clone()
     bad[-1] = 10
     with pytest.raises(IndexError, match="outside the cache"):
@@ -214,18 +223,22 @@ def test_auto_picks_cpu_backend_on_cpu():
 
 
 def test_cpu_backend_engine_matches_torch_backend(kind):
-    """Whole engine in the kernel's dtype, SmolLM2's head shape (3 kv heads, groups of 3,
-    head_dim 64): greedy tokens through the kernel equal the torch backend's, chunked
-    prefill and concurrent decodes of different lengths included; all blocks come back."""
+    """Whole engine in the kernel's dtype (and KV cache dtype), SmolLM2's head shape (3 kv
+    heads, groups of 3, head_dim 64): greedy tokens through the kernel equal the torch
+    backend's, chunked prefill and concurrent decodes of different lengths included; all
+    blocks come back."""
     dtype = native.dtype_name(kind[1])
+    kv_dtype = native.dtype_name(kind[0].KV_DTYPE)
     cfg = tiny_model_config(hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64,
                             intermediate_size=256)
     prompts = [[(7 * i + 3 * j) % 120 + 3 for j in range(n)] for i, n in enumerate((5, 40, 77))]
     outs = {}
     for backend in ("torch", "cpu"):
         eng = tiny_engine(cfg, dtype=dtype, attention_backend=backend, block_size=16,
-                          max_num_batched_tokens=32, quantization="none")
+                          max_num_batched_tokens=32, quantization="none",
+                          kv_cache_dtype=kv_dtype)
         assert eng.runner.attn.name == backend
+        assert eng.runner.kv_cache.dtype == kind[0].KV_DTYPE
         params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
         outs[backend] = eng.generate(prompts, params)
         assert eng.pool.num_free_blocks == eng.pool.num_blocks

@@ -268,3 +268,39 @@ def test_engine_greedy_tokens_with_the_kernel_equal_torch_prefill(kind, monkeypa
         assert eng.pool.num_free_blocks == eng.pool.num_blocks
     assert calls
     assert outs[True] == outs[False]
+
+
+def test_float32_model_over_a_bfloat16_cache(monkeypatch):
+    """`--kv-cache-dtype bfloat16` with a float32 model, one step of decodes, a whole prompt
+    and a chunk after context: the cpu backend (decodes through the float32-q kernel over
+    the bfloat16 cache, prefill chunks through the float32 kernel over their blocks widened)
+    and the torch backend write the same bfloat16-rounded keys and values, read every one
+    back from the cache (the chunk's own too), and both equal float64 attention over those
+    cached values to float32 rounding."""
+    prefill, decode = KERNELS["f32"][0], native.load_paged_decode_f32_bf16kv()
+    if prefill is None or decode is None:
+        pytest.skip("the float32 kernels are not built here")
+    backend = CpuAttentionBackend(torch.float32)
+    assert backend.kernels[torch.bfloat16] is decode
+    calls = []
+    monkeypatch.setitem(backend.prefill_kernels, torch.float32,
+                        lambda *a, **kw: calls.append(1) or prefill(*a, **kw))
+    outs, caches = {}, {}
+    for name, be in (("cpu", backend), ("torch", TorchAttentionBackend())):
+        cache, q, k, v, meta = step_case(torch.float32)
+        cache = cache.to(torch.bfloat16)
+        be.begin_step(meta, cache, 9, 3, 64)
+        outs[name], caches[name] = be.forward(1, q, k, v, cache, meta), cache
+    assert len(calls) == 2  # both chunks, not the decodes
+    assert outs["cpu"].dtype == torch.float32
+    assert torch.equal(caches["cpu"], caches["torch"])
+    assert torch.equal(caches["cpu"][meta.slot_block, 1, 0, meta.slot_offset],
+                       k.to(torch.bfloat16))
+    start = 0
+    for q_len, ctx, blocks in zip(meta.q_lens, meta.ctx_lens, meta.block_tables):
+        table = torch.tensor(blocks[: -(-ctx // 16)])
+        want = reference(caches["cpu"], q[start : start + q_len], table, 1, ctx)
+        for name in ("cpu", "torch"):
+            got = outs[name].view(-1, 9, 64)[start : start + q_len].double()
+            assert (got - want).abs().max().item() < 1e-5, name
+        start += q_len

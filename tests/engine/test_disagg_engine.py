@@ -31,11 +31,14 @@ def drain(eng, rid):
     return toks
 
 
+@pytest.mark.parametrize("kv_dtype", ["auto", "bfloat16"])
 @pytest.mark.parametrize("pull_ok", [True, False])
-def test_handoff_matches_aggregated(pull_ok):
+def test_handoff_matches_aggregated(pull_ok, kv_dtype):
+    """The handoff equals one engine's run (with a bfloat16 cache under the float32 model
+    too: the blocks move as they are, half the bytes)."""
     prompt = list(range(3, 30))
-    ref = tiny_engine(CFG).generate([prompt], GREEDY)[0]
-    pre, dec = tiny_engine(CFG), tiny_engine(CFG)
+    ref = tiny_engine(CFG, kv_cache_dtype=kv_dtype).generate([prompt], GREEDY)[0]
+    pre, dec = tiny_engine(CFG, kv_cache_dtype=kv_dtype), tiny_engine(CFG, kv_cache_dtype=kv_dtype)
     first = run_prefill(pre, "r", prompt, GREEDY)
     assert first == ref[0]
     blocks, n = pre.pinned_blocks("r")

@@ -61,22 +61,32 @@ def transformers_reference(prompts: list[list[int]]):
     return refs
 
 
+def first_mismatches(got: list[list[int]], refs) -> list[tuple]:
+    """(prompt, new-token index, our token, the reference's top-2 ids, their logit margin)
+    at the first mismatch of each prompt whose tokens differ; the last three are None when
+    only the lengths differ."""
+    out = []
+    for i, (ours, (ref, scores)) in enumerate(zip(got, refs)):
+        if ours == ref:
+            continue
+        j = next((k for k in range(min(len(ours), len(ref))) if ours[k] != ref[k]),
+                 min(len(ours), len(ref)))
+        if j >= len(scores) or j >= len(ours):
+            out.append((i, j, None, None, None))
+            continue
+        top2 = scores[j].float().topk(2)
+        out.append((i, j, ours[j], top2.indices.tolist(), float(top2.values[0] - top2.values[1])))
+    return out
+
+
 def explain_mismatches(got: list[list[int]], refs) -> list[str]:
     """One line per prompt whose tokens differ, with the reference's top-2 logit margin at
     the first mismatch (a near-tie shows as a tiny margin)."""
     failures = []
-    for i, (out, (ref, scores)) in enumerate(zip(got, refs)):
-        if out != ref:
-            j = next((k for k in range(min(len(out), len(ref))) if out[k] != ref[k]),
-                     min(len(out), len(ref)))
-            if j >= len(scores):
-                failures.append(f"prompt {i}: length differs: {len(out)} vs {len(ref)}")
-                continue
-            top2 = scores[j].float().topk(2)
-            failures.append(
-                f"prompt {i}: first mismatch at new token {j}: got "
-                f"{out[j] if j < len(out) else None} vs reference {ref[j]}; reference top-2 "
-                f"logits {top2.values.tolist()} (ids {top2.indices.tolist()}), margin "
-                f"{float(top2.values[0] - top2.values[1]):.2e}"
-            )
+    for i, j, ours, top2, margin in first_mismatches(got, refs):
+        if top2 is None:
+            failures.append(f"prompt {i}: length differs at new token {j}")
+            continue
+        failures.append(f"prompt {i}: first mismatch at new token {j}: got {ours} vs "
+                        f"reference {top2[0]}; reference top-2 ids {top2}, margin {margin:.2e}")
     return failures
