@@ -174,7 +174,11 @@ def run(args: argparse.Namespace) -> int:
         kv_memory = parse_memory_size(args.kv_cache_memory)
     else:  # with 1 GiB, a float32 cache holds ~23k of the full set's ~41k tokens
         cpu = torch.device("cpu")
-        kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, resolve_dtype(args.dtype, cpu), cpu)
+        try:
+            kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype,
+                                              resolve_dtype(args.dtype, cpu), cpu)
+        except ValueError as e:
+            raise SystemExit(f"splitserve bench offline: {e}") from None
         need = kv_bytes_for(prompts, out_len, cfg, config.block_size, kv_dtype)
         kv_memory = max(need, DEFAULT_KV_CACHE_MEMORY)
     config = dataclasses.replace(config, kv_cache_memory=kv_memory)

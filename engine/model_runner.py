@@ -49,19 +49,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def resolve_kv_cache_dtype(name: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The KV cache's dtype for `--kv-cache-dtype name` and the model's dtype: auto is the
-    model's; a narrower one runs on CPU only (the CPU backends read it back widened), and
-    never a wider one (nothing reads a float32 cache with bfloat16 q)."""
+    model's; the one other pair is a bfloat16 cache under a float32 model, on CPU (the CPU
+    backends read it back widened)."""
     if name == "auto":
         return dtype
     kv = _DTYPES[name]
     if kv == dtype:
         return kv
-    if torch.finfo(kv).bits > torch.finfo(dtype).bits:
-        raise ValueError(f"--kv-cache-dtype {name} is wider than the model's dtype "
-                         f"({str(dtype).removeprefix('torch.')}); use auto or a narrower one")
+    model = str(dtype).removeprefix("torch.")
+    if (dtype, kv) != (torch.float32, torch.bfloat16):
+        raise ValueError(f"--kv-cache-dtype {name} under a {model} model: use auto (the "
+                         "model's dtype), or bfloat16 under a float32 model")
     if device.type != "cpu":
-        raise ValueError(f"--kv-cache-dtype {name} with a {str(dtype).removeprefix('torch.')} "
-                         "model runs on CPU only (on GPU use auto)")
+        raise ValueError(f"--kv-cache-dtype {name} under a {model} model runs on CPU only "
+                         "(on GPU use auto)")
     return kv
 
 

@@ -456,22 +456,17 @@ static inline __attribute__((always_inline)) void decode_part_f32(
     }
 }
 
-/* The two instantiations. */
-static void decode_part_f32_kv32(const float *q, const void *layer_k, int64_t block_stride,
-                                 int64_t v_off, const int64_t *table, int64_t t_begin,
-                                 int64_t t_end, int nkv, int g, int d, int bs, float scale,
-                                 float *s, float *qf, float *m, float *l, float *acc) {
-    decode_part_f32(q, layer_k, block_stride, v_off, table, t_begin, t_end, nkv, g, d, bs,
-                    scale, s, qf, m, l, acc, 0);
-}
-
-static void decode_part_f32_kv16(const float *q, const void *layer_k, int64_t block_stride,
-                                 int64_t v_off, const int64_t *table, int64_t t_begin,
-                                 int64_t t_end, int nkv, int g, int d, int bs, float scale,
-                                 float *s, float *qf, float *m, float *l, float *acc) {
-    decode_part_f32(q, layer_k, block_stride, v_off, table, t_begin, t_end, nkv, g, d, bs,
-                    scale, s, qf, m, l, acc, 1);
-}
+/* The two instantiations: decode_part_f32_kv32 (float32 cache) and _kv16 (bfloat16). */
+#define DECODE_PART_F32(suffix, kv16)                                                          \
+    static void decode_part_f32_##suffix(                                                      \
+        const float *q, const void *layer_k, int64_t block_stride, int64_t v_off,              \
+        const int64_t *table, int64_t t_begin, int64_t t_end, int nkv, int g, int d, int bs,   \
+        float scale, float *s, float *qf, float *m, float *l, float *acc) {                    \
+        decode_part_f32(q, layer_k, block_stride, v_off, table, t_begin, t_end, nkv, g, d, bs, \
+                        scale, s, qf, m, l, acc, kv16);                                        \
+    }
+DECODE_PART_F32(kv32, 0)
+DECODE_PART_F32(kv16, 1)
 
 /* ---- both caches ---------------------------------------------------------------------- */
 

@@ -30,6 +30,13 @@ def test_single_stream_runs_must_be_positive():
         offline.run(args)
 
 
+def test_a_kv_cache_dtype_the_model_cannot_take_is_refused():
+    args = build_parser().parse_args(["bench", "offline", "--quick", "--dtype", "bfloat16",
+                                      "--kv-cache-dtype", "float32"])
+    with pytest.raises(SystemExit, match="float32 under a bfloat16 model: use auto"):
+        offline.run(args)
+
+
 def test_the_default_kv_budget_holds_the_whole_set_at_once(monkeypatch):
     """kv_bytes_for: an engine given exactly that many bytes runs every request of the set
     side by side (none preempted), and one block fewer a request does not fit."""

@@ -28,9 +28,11 @@ def test_auto_is_the_models_dtype_and_narrower_is_allowed_on_cpu():
     assert resolve_kv_cache_dtype("float32", F32, CPU) == F32
 
 
-def test_wider_than_the_model_or_mixed_on_gpu_is_refused():
-    with pytest.raises(ValueError, match="wider than the model's dtype"):
+def test_other_pairs_and_mixed_on_gpu_are_refused():
+    with pytest.raises(ValueError, match="float32 under a bfloat16 model: use auto"):
         resolve_kv_cache_dtype("float32", BF16, CPU)
+    with pytest.raises(ValueError, match="bfloat16 under a float16 model: use auto"):
+        resolve_kv_cache_dtype("bfloat16", torch.float16, CPU)
     with pytest.raises(ValueError, match="CPU only"):
         resolve_kv_cache_dtype("bfloat16", F32, torch.device("cuda"))
     assert resolve_kv_cache_dtype("bfloat16", BF16, torch.device("cuda")) == BF16
