@@ -149,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     from splitserve.engine.engine import Engine
     from splitserve.engine.model_runner import (DEFAULT_KV_CACHE_MEMORY, resolve_dtype,
                                                 resolve_kv_cache_dtype)
+    from splitserve.engine.native import dtype_name
     from splitserve.engine.model_loader import load_model_config, resolve_model
 
     if args.single_stream_runs < 1:
@@ -189,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     settings["block_size"] = engine.config.block_size
     settings["kv_blocks"] = engine.pool.num_blocks
     settings["kv_cache_memory"] = config.kv_cache_memory
-    settings["kv_cache_dtype"] = str(engine.runner.kv_dtype).replace("torch.", "")
+    settings["kv_cache_dtype"] = dtype_name(engine.runner.kv_dtype)
     eng = run_engine(engine, prompts, out_len, args.single_stream_runs)
     del eng["outputs"]
     result = {**eng}

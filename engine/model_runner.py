@@ -11,6 +11,7 @@ import torch
 from .attention import build_metadata, get_backend
 from .config import EngineConfig, ModelConfig
 from .hugepages import zeros_huge
+from .native import dtype_name
 from .models import LlamaForCausalLM
 from .outputs import TokenLogprob
 from .sampler import Sampler
@@ -56,7 +57,7 @@ def resolve_kv_cache_dtype(name: str, dtype: torch.dtype, device: torch.device) 
     kv = _DTYPES[name]
     if kv == dtype:
         return kv
-    model = str(dtype).removeprefix("torch.")
+    model = dtype_name(dtype)
     if (dtype, kv) != (torch.float32, torch.bfloat16):
         raise ValueError(f"--kv-cache-dtype {name} under a {model} model: use auto (the "
                          "model's dtype), or bfloat16 under a float32 model")
@@ -121,7 +122,7 @@ class ModelRunner:
         logger.info(
             "model runner: %s on %s, %d KV blocks of %d tokens (%s, %.1f MiB), attention=%s, "
             "weights=%s", self.dtype, self.device, self.num_blocks, self.block_size,
-            str(self.kv_dtype).removeprefix("torch."), self.kv_cache.nbytes / 2**20,
+            dtype_name(self.kv_dtype), self.kv_cache.nbytes / 2**20,
             self.attn.name, self.model.weight_format,
         )
 
