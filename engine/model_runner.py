@@ -76,6 +76,9 @@ def keep_quantized(config: EngineConfig) -> bool:
         return False
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device) if device.type == "cpu" else None
+    if config.quantization == "w4a8":
+        check_w4a8(device, dtype)
+        return True
     if device.type != "cpu" or not QuantLinear.supported("q4_1", dtype):
         if config.quantization == "q4_1":
             raise ValueError("quantization q4_1 runs on CPU only (a 4-bit CPU kernel: ours in "
@@ -88,6 +91,20 @@ def keep_quantized(config: EngineConfig) -> bool:
 
     return (config.quantization == "q4_1" or dtype == torch.bfloat16
             or native_kernel(dtype) is not None)
+
+
+def check_w4a8(device: torch.device, dtype: torch.dtype | None) -> None:
+    """Raise ValueError (one line naming the flag) where `--quantization w4a8` cannot run."""
+    from .native import load_quant_gemm_a8
+
+    if device.type != "cpu":
+        raise ValueError("--quantization w4a8 runs on CPU only (on GPU use auto)")
+    if dtype != torch.float32:
+        raise ValueError(f"--quantization w4a8 runs a float32 model, not {dtype_name(dtype)}: "
+                         "add --dtype float32")
+    if load_quant_gemm_a8() is None:
+        raise ValueError("--quantization w4a8 needs its AVX2/FMA/F16C kernel "
+                         "(engine/csrc/quant_gemm_a8.c), which did not build or run here")
 
 
 #: The CPU KV cache's size when --kv-cache-memory is not given.
@@ -107,8 +124,11 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype, self.device)
+        if config.quantization == "w4a8":
+            check_w4a8(self.device, self.dtype)
         self.block_size = config.block_size
-        self.model = LlamaForCausalLM(model_cfg, self.dtype, self.device, max_model_len)
+        self.model = LlamaForCausalLM(model_cfg, self.dtype, self.device, max_model_len,
+                                      int8_activations=config.quantization == "w4a8")
         self.model.load_weights(state_dict)
         self.attn = get_backend(config.attention_backend, self.device, self.dtype)
         self.num_blocks = self._num_blocks()

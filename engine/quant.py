@@ -161,18 +161,20 @@ class QuantLinear:
     __slots__ = ("packed", "scales_zeros", "bias", "out_features", "dense", "native", "max_rows")
 
     def __init__(self, w: Q4_1Weight | Q8_0Weight, bias: torch.Tensor | None,
-                 dtype: torch.dtype, dense=None) -> None:
+                 dtype: torch.dtype, dense=None, native=None) -> None:
+        """`native`: a kernel to use instead of the dtype's (the w4a8 kernel, which takes
+        every batch: `dense` is then not needed)."""
         rows, _ = w.shape
         self.dense = dense
         self.bias = bias
         self.out_features = rows
-        self.native = native_kernel(dtype)
+        self.native = native or native_kernel(dtype)
         self.scales_zeros = None
         if self.native is not None:
             self.packed = self.native.pack(w)
             self.bias = None if bias is None else bias.contiguous()
             self.max_rows = (NATIVE_MAX_ROWS if dtype == torch.bfloat16
-                             else NATIVE_F32_MAX_ROWS)[w.FORMAT]
+                             else NATIVE_F32_MAX_ROWS).get(w.FORMAT)
             return
         if w.FORMAT != "q4_1" or not int4_kernel_available():
             raise ValueError(f"no CPU kernel here runs {w.FORMAT} weights in {dtype}")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..attention.base import AttentionBackend, AttentionMetadata
 from ..config import ModelConfig
-from ..native import load_layer_ops, load_layer_ops_f32, load_small_gemm
+from ..native import load_layer_ops, load_layer_ops_f32, load_quant_gemm_a8, load_small_gemm
 from ..quant import Q4_1Weight, Q8_0Weight, QuantLinear
 from .rope import RotaryEmbedding
 
@@ -81,7 +81,9 @@ class _Layer:
 
 class LlamaForCausalLM:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 max_positions: int) -> None:
+                 max_positions: int, int8_activations: bool = False) -> None:
+        """int8_activations (`--quantization w4a8`, float32 on CPU): every Q4_1 projection
+        runs the int8-activation kernel at any batch, with no dense copy."""
         self.cfg = cfg
         self.dtype = dtype
         self.device = device
@@ -90,9 +92,10 @@ class LlamaForCausalLM:
         self.embed: torch.Tensor | None = None
         self.norm: torch.Tensor | None = None
         self.lm_head: torch.Tensor | None = None
-        #: "dense" (every weight in dtype) or "quantized" (GGUF Q4_1 / Q8_0 matrices kept so
-        #: for small steps, engine/quant.py).
+        #: "dense" (every weight in dtype), "quantized" (GGUF Q4_1 / Q8_0 matrices kept so
+        #: for small steps, engine/quant.py) or "w4a8" (int8_activations).
         self.weight_format = "dense"
+        self.int8_activations = int8_activations
         #: On CPU, the layer's elementwise steps as native calls (or None where not built).
         loader = {torch.bfloat16: load_layer_ops, torch.float32: load_layer_ops_f32}.get(dtype)
         self.ops = loader() if device.type == "cpu" and loader is not None else None
@@ -120,13 +123,19 @@ class LlamaForCausalLM:
                     or kinds.pop() not in (Q4_1Weight, Q8_0Weight)
                     or not QuantLinear.supported(parts[0].FORMAT, self.dtype)):
                 return dense
-            self.weight_format = "quantized"
+            if self.weight_format == "dense":
+                self.weight_format = "quantized"
             return QuantLinear(type(parts[0]).cat(parts), bias, self.dtype, dense)
 
         def linear(names: list[str], bias: torch.Tensor | None = None):
             """One (fused) projection from the row-stacked weights `names`."""
+            parts = [raw(n) for n in names]
+            if self.int8_activations and all(isinstance(p, Q4_1Weight) for p in parts):
+                self.weight_format = "w4a8"
+                return QuantLinear(Q4_1Weight.cat(parts), bias, self.dtype,
+                                   native=load_quant_gemm_a8())
             dense = Linear(torch.cat([take(n) for n in names]).contiguous(), bias)
-            return quantized([raw(n) for n in names], bias, dense)
+            return quantized(parts, bias, dense)
 
         self.embed = take("model.embed_tokens.weight")
         self.norm = take("model.norm.weight")
@@ -154,6 +163,9 @@ class LlamaForCausalLM:
             layer.gate_up = linear([m + "gate_proj.weight", m + "up_proj.weight"])
             layer.down = linear([m + "down_proj.weight"])
             self.layers.append(layer)
+        if self.int8_activations and self.weight_format != "w4a8":
+            raise ValueError("--quantization w4a8 runs Q4_1 weights (a GGUF file's); this "
+                             "checkpoint has none")
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,

@@ -1,0 +1,129 @@
+"""The w4a8 kernel (engine/csrc/quant_gemm_a8.c, AVX2): Q4_1 weights against float32 inputs
+quantized to int8 per group of 32 inside the call. Checked against a float64 model of the
+same arithmetic (tight: only float32 summation order differs), against the exact GEMM
+(loose: the inputs' rounding), and the `--quantization w4a8` setting's refusals. Its
+effect on the real model's tokens: test_parity_smollm2.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitserve.engine import native
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.model_runner import check_w4a8, keep_quantized
+from splitserve.engine.quant import GROUP, QuantLinear
+
+from .test_quant_gemm import f32, random_q4, random_q8
+
+gemm = native.load_quant_gemm_a8()
+needs_kernel = pytest.mark.skipif(gemm is None, reason="kernel not built here (no compiler "
+                                  "or no AVX2/FMA/F16C)")
+
+
+def reference(x: torch.Tensor, w) -> torch.Tensor:
+    """float64 model of the kernel: x per group of 32 → dx = max|x| / 127, qx = x / dx
+    rounded half to even; output d * dx * sum(q qx) + m * dx * sum(qx)."""
+    m_, k = x.shape
+    xg = x.view(m_, k // GROUP, GROUP).double()
+    amax = xg.abs().amax(-1)
+    dx = (amax.float() / 127).double()  # the kernel divides in float32
+    inv = torch.where(amax > 0, (127 / amax.float()).double(), torch.zeros_like(amax))
+    qx = torch.round((xg.float() * inv.float()[..., None]).double())  # round half to even
+    n = w.shape[0]
+    q = w.q.view(n, k // GROUP, GROUP).double()
+    dots = torch.einsum("mgk,ngk->mng", qx, q)
+    return ((dots * w.d.double()[None] * dx[:, None]).sum(-1)
+            + (qx.sum(-1) * dx) @ w.m.double().T)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,n,k,threads", [(1, 24, 64, 1), (1, 960, 576, 2), (3, 40, 96, 2),
+                                           (33, 17, 64, 2), (70, 576, 1536, 2)])
+def test_a8_gemm_matches_its_float64_model(m, n, k, threads):
+    """Every row count (one, a few, past the kernel's 32-row chunk), odd tile counts, rows
+    past the last full tile."""
+    w = random_q4(n, k, seed=n + k)
+    x = f32(m, k, seed=m)
+    want = reference(x, w)
+    got = gemm(x, gemm.pack(w), num_threads=threads)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+@needs_kernel
+def test_a8_gemm_is_close_to_the_exact_gemm():
+    """The inputs' rounding (at most half a step of 1/127 of the group's largest) moves the
+    output by well under 1 % here, more than float32 rounding would."""
+    w = random_q4(256, 576, seed=1)
+    x = f32(8, 576, seed=2)
+    exact = x.double() @ w.dequantize().double().T
+    got = gemm(x, gemm.pack(w)).double()
+    err = ((got - exact).norm() / exact.norm()).item()
+    assert 1e-6 < err < 1e-2, err
+
+
+@needs_kernel
+def test_a8_gemm_bias_strided_rows_threads_and_zero_groups():
+    w = random_q4(40, 128, seed=5)
+    packed = gemm.pack(w)
+    x = f32(5, 256, seed=6)[:, ::2]  # unit column stride is needed: the wrapper copies
+    x = x.contiguous()
+    wide = torch.zeros(5, 200)
+    wide[:, :128] = x
+    wide[2, 32:64] = 0  # an all-zero group: dx = 0, no division by zero
+    view = wide[:, :128]  # rows 200 apart
+    bias = f32(40, seed=7)
+    one = gemm(view, packed, bias, num_threads=1)
+    assert torch.equal(one, gemm(view, packed, bias, num_threads=2))
+    assert torch.isfinite(one).all()
+    want = reference(view.contiguous(), w) + bias.double()
+    assert ((one.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+@needs_kernel
+def test_a8_gemm_rejects_bad_input():
+    w = random_q4(16, 64, seed=0)
+    packed = gemm.pack(w)
+    with pytest.raises(ValueError, match="rows of the packed weight's width"):
+        gemm(f32(2, 32, seed=0), packed)
+    with pytest.raises(ValueError, match="rows of the packed weight's width"):
+        gemm(f32(2, 64, seed=0).double(), packed)
+    with pytest.raises(ValueError, match="takes q4_1 weights, not q8_0"):
+        gemm.pack(random_q8(16, 64, seed=0))
+    assert gemm(torch.empty(0, 64), packed).shape == (0, 16)
+
+
+@needs_kernel
+def test_quant_linear_with_the_a8_kernel_takes_every_batch():
+    """No dense copy, no crossover: a prefill-sized batch runs the kernel too."""
+    w = random_q4(48, 64, seed=9)
+    lin = QuantLinear(w, None, torch.float32, native=gemm)
+    x = f32(300, 64, seed=3)
+    assert lin.dense is None
+    assert torch.equal(lin(x), gemm(x, lin.packed, num_threads=torch.get_num_threads()))
+
+
+def test_w4a8_setting_refuses_what_it_cannot_run():
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="w4a8 runs a float32 model, not bfloat16"):
+        check_w4a8(cpu, torch.bfloat16)
+    with pytest.raises(ValueError, match="w4a8 runs on CPU only"):
+        check_w4a8(torch.device("cuda"), None)
+    with pytest.raises(ValueError, match="w4a8 runs a float32 model"):
+        keep_quantized(EngineConfig(dtype="bfloat16", device="cpu", quantization="w4a8"))
+    if gemm is None:
+        with pytest.raises(ValueError, match="needs its AVX2/FMA/F16C kernel"):
+            check_w4a8(cpu, torch.float32)
+    else:
+        assert keep_quantized(EngineConfig(dtype="float32", device="cpu", quantization="w4a8"))
+
+
+@needs_kernel
+def test_w4a8_refuses_a_checkpoint_without_q4_1_weights():
+    """A dense checkpoint (random weights here) has nothing for the kernel: say so rather
+    than run float32 silently."""
+    from .factories import tiny_engine
+
+    with pytest.raises(ValueError, match="w4a8 runs Q4_1 weights"):
+        tiny_engine(quantization="w4a8")
