@@ -56,8 +56,8 @@ from __future__ import annotations
 import torch
 
 from .base import AttentionMetadata
-from ..native import (load_paged_decode, load_paged_decode_f32, load_paged_decode_f32_bf16kv,
-                      load_paged_prefill, load_paged_prefill_f32)
+from ..native import (PreparedDecode, load_paged_decode, load_paged_decode_f32,
+                      load_paged_decode_f32_bf16kv, load_paged_prefill, load_paged_prefill_f32)
 from .torch_ref import TorchAttentionBackend
 
 
@@ -83,9 +83,20 @@ class CpuAttentionBackend(TorchAttentionBackend):
         if kernel is None:
             super().begin_step(meta, kv_cache, num_heads, num_kv_heads, head_dim)
             return
+        if not meta.prefills:  # decodes only: each layer one prepared write and attention
+            meta.backend_state = kernel.prepare(
+                kv_cache, meta.decode_block_table, meta.decode_seq_lens, num_heads, head_dim,
+                meta.slot_block, meta.slot_offset, head_dim ** -0.5, torch.get_num_threads())
+            return
         kernel.check_step(kv_cache, meta.decode_block_table, meta.decode_seq_lens, num_heads,
                           head_dim)
         meta.backend_state = _NATIVE
+
+    def forward(self, layer, q, k, v, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        state = meta.backend_state
+        if isinstance(state, PreparedDecode):
+            return state.layer(layer, q, k, v).view(q.shape[0], -1)
+        return super().forward(layer, q, k, v, kv_cache, meta)
 
     def _write_cache(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                      kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:

@@ -192,6 +192,65 @@ def test_write_kv_equals_the_indexed_copies(kind):
         kernel.write_kv(cache, 2, k, v, meta.slot_block.int(), meta.slot_offset)
 
 
+def test_a_prepared_decode_step_writes_and_attends_as_the_checked_calls(kind):
+    """A decodes-only step is validated once (`prepare`); each layer's one write and one
+    attention then give exactly the cache and output of `write_kv` + the kernel's checked
+    call, and a q, k or v of another layout is refused before anything is written."""
+    kern, dtype, _, _ = kind
+    cache, _, meta = paged_case([20, 33, 1], nkv=3, g=3, d=64, bs=16, layers=3, dtype=dtype,
+                                kv_dtype=kern.KV_DTYPE)
+    gen = torch.Generator().manual_seed(9)
+    qkv = torch.randn(3, 9 * 64 + 2 * 3 * 64, generator=gen).to(dtype)  # the model's views
+    q, k, v = (qkv[:, :576].view(3, 9, 64), qkv[:, 576:768].view(3, 3, 64),
+               qkv[:, 768:].view(3, 3, 64))
+    want = cache.clone()
+    step = kern.prepare(cache, meta.decode_block_table, meta.decode_seq_lens, 9, 64,
+                        meta.slot_block, meta.slot_offset, 0.125, 2)
+    for layer in (2, 0):
+        kern.write_kv(want, layer, k, v, meta.slot_block, meta.slot_offset)
+        ref = kern(q, want, layer, meta.decode_block_table, meta.decode_seq_lens, 0.125, 2)
+        got = step.layer(layer, q, k, v)
+        assert torch.equal(cache, want)
+        assert torch.equal(got, ref)
+    for bad in (q.contiguous()[:2], q.to(torch.float16)):
+        with pytest.raises(ValueError, match="shaped as its step"):
+            step.layer(1, bad, k, v)
+    with pytest.raises(ValueError, match="shaped as its step"):
+        step.layer(1, q, k[:, :2], v)
+    with pytest.raises(ValueError, match="layer 3 outside"):
+        step.layer(3, q, k, v)
+    assert torch.equal(cache, want)  # refused calls wrote nothing
+    with pytest.raises(ValueError, match="one per token"):
+        kern.prepare(cache, meta.decode_block_table, meta.decode_seq_lens, 9, 64,
+                     meta.slot_block[:2], meta.slot_offset, 0.125, 2)
+
+
+def test_the_cpu_backend_prepares_decode_only_steps(kind):
+    """A step of decodes only takes the prepared path; a step with a prefill chunk keeps the
+    general one (the chunk's tokens are written too); both give the torch path's output."""
+    kern, dtype, _, _ = kind
+    backend = CpuAttentionBackend(dtype)
+    gen = torch.Generator().manual_seed(3)
+    for q_lens, starts in (([1, 1], [20, 5]), ([1, 4], [20, 0])):
+        cache = torch.randn(12, 2, 2, 16, 3, 64, generator=gen).to(kern.KV_DTYPE)
+        T = sum(q_lens)
+        meta = build_metadata(q_lens, starts, [[3, 7], [5, 9]], 16, torch.device("cpu"))
+        ref_meta = build_metadata(q_lens, starts, [[3, 7], [5, 9]], 16, torch.device("cpu"))
+        qkv = torch.randn(T, 15 * 64, generator=gen).to(dtype)
+        q, k, v = (qkv[:, :576].view(T, 9, 64), qkv[:, 576:768].view(T, 3, 64),
+                   qkv[:, 768:].view(T, 3, 64))
+        ref_cache = cache.clone()
+        backend.begin_step(meta, cache, 9, 3, 64)
+        assert isinstance(meta.backend_state, native.PreparedDecode) == (T == 2)
+        got = backend.forward(1, q, k, v, cache, meta)
+        torch_backend = TorchAttentionBackend()
+        torch_backend.begin_step(ref_meta, ref_cache, 9, 3, 64)
+        want = torch_backend.forward(1, q, k, v, ref_cache, ref_meta)
+        assert torch.equal(cache, ref_cache)
+        assert got.shape == want.shape == (T, 576)
+        assert (got.double() - want.double()).abs().max().item() < (2e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
 def test_build_is_cached_and_keyed_by_source(tmp_path):
     compiler = native._compiler()
     if compiler is None:
