@@ -258,6 +258,119 @@ class PagedDecodeKernelF32BF16KV(PagedDecodeKernel):
     SUFFIX = "f32_bf16kv"
 
 
+def fn_address(fn) -> int:
+    """A ctypes function's address, for a kernel that calls other kernels (layer_stack.c)."""
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+class _StackLinear(ctypes.Structure):
+    _fields_ = [("fn", _ptr), ("w", _ptr), ("bias", _ptr), ("n", _i64), ("k", _i64)]
+
+
+class _StackLayer(ctypes.Structure):
+    _fields_ = [("input_norm", _ptr), ("post_norm", _ptr), ("qkv", _StackLinear),
+                ("o", _StackLinear), ("gate_up", _StackLinear), ("down", _StackLinear)]
+
+
+class _Stack(ctypes.Structure):
+    """csrc/layer_stack.c's struct stack, field for field."""
+
+    _fields_ = [(n, _i64) for n in ("num_layers", "hidden", "nh", "nkv", "d", "inter")] + [
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("layers", _ptr),
+        ("final_norm", _ptr)] + [(n, _ptr) for n in (
+            "add_rms_norm", "rope", "silu_mul", "write_kv", "decode", "cos", "sin")] + [
+        ("T", _i64)] + [(n, _ptr) for n in (
+            "h", "out", "positions", "x", "qkv", "attn", "delta", "gu", "act", "kv16",
+            "cache")] + [(n, _i64) for n in (
+                "layer_bytes", "block_stride", "v_off", "num_blocks", "bs", "kv_elem")] + [
+        (n, _ptr) for n in ("slot_block", "slot_offset", "tables", "seq_lens")] + [
+        ("max_blocks", _i64), ("threads", _i64)]
+
+
+class LayerStack:
+    """A float32 decode step's decoder layers in one native call (csrc/layer_stack.c), on the
+    model's own kernels: `plan` once per model, `__call__` once a step."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        fn = lib.splitserve_layer_stack_f32
+        fn.argtypes = [ctypes.POINTER(_Stack)]
+        fn.restype = ctypes.c_int
+        self._fn = fn
+
+    @staticmethod
+    def plan(layers: list[tuple], final_norm: torch.Tensor, ops: "LayerOps", cos: torch.Tensor,
+             sin: torch.Tensor, shape: tuple[int, int, int, int, int], eps: float) -> dict:
+        """layers: (input_norm, post_norm, qkv, o, gate_up, down) per layer, each projection
+        as QuantLinear.native_args() gives it; shape: (hidden, heads, kv_heads, head_dim,
+        intermediate). The returned plan keeps every tensor it points at alive."""
+        if ops.DTYPE != torch.float32:
+            raise ValueError("the layer stack runs the float32 layer ops")
+        arr = (_StackLayer * len(layers))()
+        keep = [final_norm, cos, sin]
+        for i, (inorm, pnorm, *lins) in enumerate(layers):
+            keep += [inorm, pnorm]
+            arr[i].input_norm, arr[i].post_norm = inorm.data_ptr(), pnorm.data_ptr()
+            for name, (fn, w, bias, n, k) in zip(("qkv", "o", "gate_up", "down"), lins):
+                keep += [w, bias]
+                setattr(arr[i], name, _StackLinear(fn, w.data_ptr(),
+                                                   bias.data_ptr() if bias is not None else None,
+                                                   n, k))
+        hidden, nh, nkv, d, inter = shape
+        st = _Stack(num_layers=len(layers), hidden=hidden, nh=nh, nkv=nkv, d=d, inter=inter,
+                    eps=eps, layers=ctypes.addressof(arr), final_norm=final_norm.data_ptr(),
+                    add_rms_norm=fn_address(ops._fns["add_rms_norm"]),
+                    rope=fn_address(ops._fns["rope"]), silu_mul=fn_address(ops._fns["silu_mul"]),
+                    cos=cos.data_ptr(), sin=sin.data_ptr())
+        return {"stack": st, "layers": arr, "keep": keep}
+
+    def __call__(self, plan: dict, h: torch.Tensor, positions: torch.Tensor,
+                 decode: "PreparedDecode") -> torch.Tensor:
+        """h [T, hidden] float32 contiguous (the embeddings; updated in place as the residual
+        stream), positions [T] int64 inside the rotary tables, `decode` this step's prepared
+        decodes (one token a request, T requests) → the final norm's output [T, hidden]."""
+        st = plan["stack"]
+        T, H = h.shape
+        kern = decode.kernel
+        if (h.dtype != torch.float32 or not h.is_contiguous() or H != st.hidden
+                or kern.DTYPE != torch.float32 or decode.q_shape != (T, st.nh, st.d)
+                or positions.dtype != torch.int64 or not positions.is_contiguous()
+                or positions.shape != (T,)):
+            raise ValueError("the layer stack takes float32 rows of the model's width, one "
+                             "int64 position and one prepared decode each")
+        nqkv, inter = (st.nh + 2 * st.nkv) * st.d, st.inter
+        out = torch.empty_like(h)
+        scratch = torch.empty(T * (H + nqkv + st.nh * st.d + H + 3 * inter), dtype=torch.float32)
+        ptr, f = scratch.data_ptr(), 4
+        st.T, st.h, st.out, st.positions = T, h.data_ptr(), out.data_ptr(), positions.data_ptr()
+        for name, size in (("x", H), ("qkv", nqkv), ("attn", st.nh * st.d), ("delta", H),
+                           ("gu", 2 * inter), ("act", inter)):
+            setattr(st, name, ptr)
+            ptr += T * size * f
+        kv16 = None
+        if decode.round_kv:
+            kv16 = torch.empty(T * 2 * st.nkv * st.d, dtype=torch.bfloat16)
+        w, r = decode.write_args, decode.run_args
+        st.kv16 = kv16.data_ptr() if kv16 is not None else None
+        st.cache, st.layer_bytes = decode.base, decode.layer_bytes
+        st.block_stride, st.v_off, st.num_blocks, st.bs = w[0], w[1], w[2], w[3]
+        st.slot_block, st.slot_offset, st.kv_elem = w[4], w[5], w[8]
+        st.tables, st.max_blocks, st.seq_lens = r[2], r[3], r[4]
+        st.scale, st.threads = r[10], r[11]
+        st.write_kv, st.decode = fn_address(kern._write), fn_address(kern._fn)
+        rc = self._fn(ctypes.byref(st))
+        if rc != 0:
+            layer, code = divmod(-rc, 100)
+            what = {1: "a GEMM refused its input or ran out of memory",
+                    2: "a slot is outside the cache",
+                    3: "a sequence length is outside its block table",
+                    4: "a shape does not fit the plan"}.get(code, f"code {code}")
+            raise RuntimeError(f"layer stack, layer {layer}: {what}")
+        return out
+
+
 class PagedPrefillKernel(_OneDtype):
     """Causal attention of one prefill chunk over a bfloat16 cache laid out as the engine's
     [num_blocks, layers, 2, block_size, kv_heads, head_dim], every one of the chunk's
@@ -650,11 +763,12 @@ load_quant_gemm_f32 = _kernel_loader("quant_gemm_f32", QuantGemmF32, "AVX2/FMA/F
 load_quant_gemm_a8 = _kernel_loader("quant_gemm_a8", QuantGemmA8, "AVX2/FMA/F16C")
 load_layer_ops = _kernel_loader("layer_ops", LayerOps)
 load_layer_ops_f32 = _kernel_loader("layer_ops", LayerOpsF32, "AVX2/FMA", "layer_ops_f32")
+load_layer_stack = _kernel_loader("layer_stack", LayerStack, "nothing")
 _LOADERS = (load_paged_decode, load_paged_decode_f32, load_paged_decode_f32_bf16kv,
             load_paged_prefill,
             load_paged_prefill_f32, load_small_gemm, load_quant_gemm, load_quant_gemm_f32,
             load_quant_gemm_a8,
-            load_layer_ops, load_layer_ops_f32)
+            load_layer_ops, load_layer_ops_f32, load_layer_stack)
 
 
 def clear_caches() -> None:

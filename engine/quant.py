@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from .native import load_quant_gemm, load_quant_gemm_f32
+from .native import fn_address, load_quant_gemm, load_quant_gemm_f32
 
 #: Weights per block, in both formats (ggml's QK4_1 and QK8_0).
 GROUP = 32
@@ -183,6 +183,19 @@ class QuantLinear:
         zero = w.m + 8.0 * w.d
         # [groups, rows, 2]: the kernel's layout.
         self.scales_zeros = torch.stack([w.d.t(), zero.t()], dim=-1).to(dtype).contiguous()
+
+    def native_args(self) -> tuple | None:
+        """(kernel entry address, packed weight, bias or None, N, K) for a caller that runs
+        the native kernel itself (native.LayerStack), or None without one."""
+        if self.native is None:
+            return None
+        fn = self.native._fns[self.packed.fmt]
+        return (fn_address(fn), self.packed.data, self.bias, self.packed.n, self.packed.k)
+
+    @property
+    def rows_on_the_kernel(self) -> float:
+        """The most rows a call runs on the native kernel (more take `dense`)."""
+        return float("inf") if self.dense is None else self.max_rows
 
     @staticmethod
     def supported(fmt: str, dtype: torch.dtype | None) -> bool:

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from ..attention.base import AttentionBackend, AttentionMetadata
 from ..config import ModelConfig
-from ..native import load_layer_ops, load_layer_ops_f32, load_quant_gemm_a8, load_small_gemm
+from ..native import (PreparedDecode, load_layer_ops, load_layer_ops_f32, load_layer_stack,
+                      load_quant_gemm_a8, load_small_gemm)
 from ..quant import Q4_1Weight, Q8_0Weight, QuantLinear
 from .rope import RotaryEmbedding
 
@@ -166,6 +167,31 @@ class LlamaForCausalLM:
         if self.int8_activations and self.weight_format != "w4a8":
             raise ValueError("--quantization w4a8 runs Q4_1 weights (a GGUF file's); this "
                              "checkpoint has none")
+        self._plan_stack()
+
+    def _plan_stack(self) -> None:
+        """Where every projection runs a native quantized kernel (float32 on CPU, RoPE in
+        the layer ops), a decode step's layers run as one native call (native.LayerStack):
+        the plan, and the most rows it takes (the kernels' own limits)."""
+        self.stack, self.stack_plan, self.stack_rows = None, None, 0
+        stack = load_layer_stack() if (self.dtype == torch.float32 and self.ops is not None
+                                       and not self.cfg.qk_norm) else None
+        if stack is None:
+            return
+        rows, layers = float("inf"), []
+        for layer in self.layers:
+            lins = [layer.qkv, layer.o, layer.gate_up, layer.down]
+            args = [lin.native_args() if isinstance(lin, QuantLinear) else None for lin in lins]
+            if any(a is None for a in args):
+                return
+            rows = min([rows] + [lin.rows_on_the_kernel for lin in lins])
+            layers.append((layer.input_norm, layer.post_norm, *args))
+        cfg = self.cfg
+        self.stack_plan = stack.plan(
+            layers, self.norm, self.ops, self.rope.cos, self.rope.sin,
+            (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+             cfg.intermediate_size), cfg.rms_norm_eps)
+        self.stack, self.stack_rows = stack, rows
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
@@ -183,6 +209,9 @@ class LlamaForCausalLM:
         cos, sin = (None, None) if native_rope else self.rope.tables(positions)
         h = F.embedding(input_ids, self.embed)
         T = h.shape[0]
+        if (self.stack is not None and isinstance(meta.backend_state, PreparedDecode)
+                and T <= self.stack_rows):  # decodes only: the layers in one native call
+            return self.stack(self.stack_plan, h, positions, meta.backend_state)
         delta = None  # what the previous block adds to the residual stream
         for li, layer in enumerate(self.layers):
             h, x = self._add_norm(h, delta, layer.input_norm)
