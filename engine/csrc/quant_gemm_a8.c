@@ -30,6 +30,7 @@
 #include <string.h>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
+#include "simd.h"
 #define QA8_SIMD 1
 #else
 #define QA8_SIMD 0
@@ -84,10 +85,7 @@ static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int
                 v[i] = _mm256_loadu_ps(xg + 8 * i);
                 amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], absmask));
             }
-            float a[8];
-            _mm256_storeu_ps(a, amax);
-            float m = a[0];
-            for (int i = 1; i < 8; i++) m = a[i] > m ? a[i] : m;
+            const float m = hmax8_ps(amax);
             const float d = m / 127.f, inv = m > 0.f ? 127.f / m : 0.f;
             /* round to nearest even (the default MXCSR mode), then narrow 32 → 8 bits */
             __m256i i32[4], total = _mm256_setzero_si256();
@@ -185,7 +183,6 @@ static int gemm_a8(const float *x, int64_t ldx, int64_t M, const uint8_t *wp, in
 #pragma omp parallel for num_threads(num_threads) if (num_threads > 1 && pairs > 1) schedule(static)
     for (int64_t pr = 0; pr < pairs; pr++) {
         __m256 acc[2][ROW_CHUNK];
-        float out[TILE_N];
         const int64_t t0 = 2 * pr;
         const int nt = t0 + 1 < tiles ? 2 : 1;
         const uint8_t *w0 = wp + t0 * groups * Q4_BYTES;
@@ -194,16 +191,9 @@ static int gemm_a8(const float *x, int64_t ldx, int64_t M, const uint8_t *wp, in
             tile_rows(qx + m0 * K, dx + m0 * groups, sx + m0 * groups, K, groups, w0,
                       w0 + (nt - 1) * groups * Q4_BYTES, acc[0], acc[1], mrows, nt);
             for (int t = 0; t < nt; t++) {
-                const int64_t n0 = (t0 + t) * TILE_N, nn = N - n0 < TILE_N ? N - n0 : TILE_N;
-                for (int r = 0; r < mrows; r++) {
-                    float *yr = y + (m0 + r) * ldy + n0;
-                    if (nn == TILE_N && !bias) {
-                        _mm256_storeu_ps(yr, acc[t][r]);
-                        continue;
-                    }
-                    _mm256_storeu_ps(out, acc[t][r]);
-                    for (int64_t n = 0; n < nn; n++) yr[n] = out[n] + (bias ? bias[n0 + n] : 0.f);
-                }
+                const int64_t n0 = (t0 + t) * TILE_N;
+                store_rows8_f32(y, ldy, m0, n0, N - n0 < TILE_N ? N - n0 : TILE_N, acc[t], mrows,
+                                bias);
             }
         }
     }

@@ -32,6 +32,7 @@
 #include <string.h>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
+#include "simd.h"
 #define QG32_SIMD 1
 #else
 #define QG32_SIMD 0
@@ -212,7 +213,6 @@ static int quant_gemm_f32(const float *x, int64_t ldx, int64_t M, const uint8_t 
 #pragma omp parallel for num_threads(num_threads) if (num_threads > 1 && pairs > 1) schedule(static)
     for (int64_t pr = 0; pr < pairs; pr++) {
         __m256 acc[2][ROW_CHUNK];
-        float out[TILE_N];
         const int64_t t0 = 2 * pr;
         const int nt = t0 + 1 < tiles ? 2 : 1;
         const uint8_t *w0 = wp + t0 * groups * bytes;
@@ -221,16 +221,9 @@ static int quant_gemm_f32(const float *x, int64_t ldx, int64_t M, const uint8_t 
             tile_rows(xi + m0 * K, si + m0 * groups, K, groups, w0, w0 + (nt - 1) * groups * bytes,
                       acc[0], acc[1], mrows, nt, q8);
             for (int t = 0; t < nt; t++) {
-                const int64_t n0 = (t0 + t) * TILE_N, nn = N - n0 < TILE_N ? N - n0 : TILE_N;
-                for (int r = 0; r < mrows; r++) {
-                    float *yr = y + (m0 + r) * ldy + n0;
-                    if (nn == TILE_N && !bias) {
-                        _mm256_storeu_ps(yr, acc[t][r]);
-                        continue;
-                    }
-                    _mm256_storeu_ps(out, acc[t][r]);
-                    for (int64_t n = 0; n < nn; n++) yr[n] = out[n] + (bias ? bias[n0 + n] : 0.f);
-                }
+                const int64_t n0 = (t0 + t) * TILE_N;
+                store_rows8_f32(y, ldy, m0, n0, N - n0 < TILE_N ? N - n0 : TILE_N, acc[t], mrows,
+                                bias);
             }
         }
     }

@@ -80,6 +80,23 @@ static inline float hmax8_ps(__m256 v) {
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
+
+/* The float32 quantized GEMMs' output: acc[r] (outputs n0..n0+7 of row row0 + r, for r <
+ * mrows) into y [.., ldy], its first nn (<= 8) columns, plus bias[n0..] when given. */
+static inline void store_rows8_f32(float *y, int64_t ldy, int64_t row0, int64_t n0,
+                                   int64_t nn, const __m256 *acc, int mrows,
+                                   const float *bias) {
+    for (int r = 0; r < mrows; r++) {
+        float *yr = y + (row0 + r) * ldy + n0;
+        if (nn == 8 && !bias) {
+            _mm256_storeu_ps(yr, acc[r]);
+            continue;
+        }
+        float out[8];
+        _mm256_storeu_ps(out, acc[r]);
+        for (int64_t n = 0; n < nn; n++) yr[n] = out[n] + (bias ? bias[n0 + n] : 0.f);
+    }
+}
 #else
 #define SPLITSERVE_F32_SIMD 0
 #endif
