@@ -39,7 +39,6 @@
 #define TILE_N 8
 #define GROUP 32
 #define Q4_BYTES 160
-#define ROW_CHUNK 32
 #define PF_AHEAD 8192
 
 int splitserve_quant_gemm_a8_available(void) { return QA8_SIMD; }
@@ -151,7 +150,7 @@ static inline __attribute__((always_inline)) void group_rows(
 }
 
 /* acc0[r], acc1[r] (8 outputs each) = x[r] @ packed tiles tp0 (and tp1 when nt is 2), for
- * mrows rows (at most ROW_CHUNK). */
+ * mrows rows (at most 32). */
 static void tile_rows(const int8_t *xq, const float *dx, const float *sx, int64_t K,
                       int64_t groups, const uint8_t *tp0, const uint8_t *tp1, __m256 *acc0,
                       __m256 *acc1, int mrows, const int nt) {
@@ -169,34 +168,32 @@ static void tile_rows(const int8_t *xq, const float *dx, const float *sx, int64_
     }
 }
 
+/* tile_rows for gemm_tile_pairs: the quantized x, its scales and sums. */
+struct a8_rows {
+    const int8_t *qx;
+    const float *dx, *sx;
+    int64_t K, groups;
+};
+
+static void a8_tile_rows(const void *ctx, int64_t m0, const uint8_t *tp0, const uint8_t *tp1,
+                         __m256 *acc0, __m256 *acc1, int mrows, int nt) {
+    const struct a8_rows *c = ctx;
+    tile_rows(c->qx + m0 * c->K, c->dx + m0 * c->groups, c->sx + m0 * c->groups, c->K,
+              c->groups, tp0, tp1, acc0, acc1, mrows, nt);
+}
+
 static int gemm_a8(const float *x, int64_t ldx, int64_t M, const uint8_t *wp, int64_t N,
                    int64_t K, const float *bias, float *y, int64_t ldy, int num_threads) {
     if (K % GROUP) return -1;
     if (M <= 0) return 0;
-    const int64_t tiles = (N + TILE_N - 1) / TILE_N, groups = K / GROUP;
+    const int64_t groups = K / GROUP;
     int8_t *qx = (int8_t *)malloc((size_t)(M * K + 2 * M * groups * (int64_t)sizeof(float)));
     if (!qx) return -2;
     float *dx = (float *)(void *)(qx + M * K), *sx = dx + M * groups;
     /* M * K is a multiple of 32, so dx is 4-byte aligned */
     quantize_rows(x, ldx, M, K, qx, dx, sx);
-    const int64_t pairs = (tiles + 1) / 2;
-#pragma omp parallel for num_threads(num_threads) if (num_threads > 1 && pairs > 1) schedule(static)
-    for (int64_t pr = 0; pr < pairs; pr++) {
-        __m256 acc[2][ROW_CHUNK];
-        const int64_t t0 = 2 * pr;
-        const int nt = t0 + 1 < tiles ? 2 : 1;
-        const uint8_t *w0 = wp + t0 * groups * Q4_BYTES;
-        for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
-            const int mrows = (int)(M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK);
-            tile_rows(qx + m0 * K, dx + m0 * groups, sx + m0 * groups, K, groups, w0,
-                      w0 + (nt - 1) * groups * Q4_BYTES, acc[0], acc[1], mrows, nt);
-            for (int t = 0; t < nt; t++) {
-                const int64_t n0 = (t0 + t) * TILE_N;
-                store_rows8_f32(y, ldy, m0, n0, N - n0 < TILE_N ? N - n0 : TILE_N, acc[t], mrows,
-                                bias);
-            }
-        }
-    }
+    const struct a8_rows ctx = {qx, dx, sx, K, groups};
+    gemm_tile_pairs(M, N, groups, Q4_BYTES, wp, bias, y, ldy, num_threads, a8_tile_rows, &ctx);
     free(qx);
     return 0;
 }

@@ -152,8 +152,7 @@ static inline __attribute__((always_inline)) void group_rows(
     }
 
 /* acc0[r], acc1[r] (8 outputs each) = x[r] @ packed tiles tp0 (and tp1 when nt is 2), for
- * mrows rows of x (at most ROW_CHUNK) in the interleaved layout, MB_MAX rows at a time. */
-#define ROW_CHUNK 32
+ * mrows rows of x (at most 32) in the interleaved layout, MB_MAX rows at a time. */
 #define PF_AHEAD 8192
 static void tile_rows(const float *xi, const float *si, int64_t K, int64_t groups,
                       const uint8_t *tp0, const uint8_t *tp1, __m256 *acc0, __m256 *acc1,
@@ -183,11 +182,25 @@ static void tile_rows(const float *xi, const float *si, int64_t K, int64_t group
     }
 }
 
+/* tile_rows for gemm_tile_pairs: x interleaved, its group sums, the format. */
+struct f32_rows {
+    const float *xi, *si;
+    int64_t K, groups;
+    int q8;
+};
+
+static void f32_tile_rows(const void *ctx, int64_t m0, const uint8_t *tp0, const uint8_t *tp1,
+                          __m256 *acc0, __m256 *acc1, int mrows, int nt) {
+    const struct f32_rows *c = ctx;
+    tile_rows(c->xi + m0 * c->K, c->si + m0 * c->groups, c->K, c->groups, tp0, tp1, acc0, acc1,
+              mrows, nt, c->q8);
+}
+
 static int quant_gemm_f32(const float *x, int64_t ldx, int64_t M, const uint8_t *wp,
                           int64_t N, int64_t K, const float *bias, float *y, int64_t ldy,
                           int num_threads, const int q8) {
     if (K % GROUP) return -1;
-    const int64_t tiles = (N + TILE_N - 1) / TILE_N, groups = K / GROUP;
+    const int64_t groups = K / GROUP;
     const int64_t bytes = q8 ? Q8_BYTES : Q4_BYTES;
     /* x as blocks of MB_MAX rows, each k-major with its rows side by side (xi[blk][k][r],
      * rows past M zero), and each row's sum over each group likewise (si[blk][g][r]). */
@@ -208,25 +221,8 @@ static int quant_gemm_f32(const float *x, int64_t ldx, int64_t M, const uint8_t 
             sums[g * MB_MAX] = sum;
         }
     }
-    /* Pairs of tiles (the last one alone when their count is odd). */
-    const int64_t pairs = (tiles + 1) / 2;
-#pragma omp parallel for num_threads(num_threads) if (num_threads > 1 && pairs > 1) schedule(static)
-    for (int64_t pr = 0; pr < pairs; pr++) {
-        __m256 acc[2][ROW_CHUNK];
-        const int64_t t0 = 2 * pr;
-        const int nt = t0 + 1 < tiles ? 2 : 1;
-        const uint8_t *w0 = wp + t0 * groups * bytes;
-        for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
-            const int mrows = (int)(M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK);
-            tile_rows(xi + m0 * K, si + m0 * groups, K, groups, w0, w0 + (nt - 1) * groups * bytes,
-                      acc[0], acc[1], mrows, nt, q8);
-            for (int t = 0; t < nt; t++) {
-                const int64_t n0 = (t0 + t) * TILE_N;
-                store_rows8_f32(y, ldy, m0, n0, N - n0 < TILE_N ? N - n0 : TILE_N, acc[t], mrows,
-                                bias);
-            }
-        }
-    }
+    const struct f32_rows ctx = {xi, si, K, groups, q8};
+    gemm_tile_pairs(M, N, groups, bytes, wp, bias, y, ldy, num_threads, f32_tile_rows, &ctx);
     free(xi);
     return 0;
 }

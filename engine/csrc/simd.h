@@ -97,6 +97,36 @@ static inline void store_rows8_f32(float *y, int64_t ldy, int64_t row0, int64_t 
         for (int64_t n = 0; n < nn; n++) yr[n] = out[n] + (bias ? bias[n0 + n] : 0.f);
     }
 }
+
+/* What fills a chunk of at most 32 rows' accumulators for one or two (nt) adjacent tiles of
+ * 8 outputs, from their packed weights tp0 and tp1 (quant_gemm_f32.c, quant_gemm_a8.c). */
+typedef void (*tile_rows_fn)(const void *ctx, int64_t m0, const uint8_t *tp0,
+                             const uint8_t *tp1, __m256 *acc0, __m256 *acc1, int mrows, int nt);
+
+/* y [M, N] (+ bias) of the float32 quantized GEMMs: tiles of 8 outputs, each `group_bytes`
+ * a group for `groups` groups, taken two adjacent tiles at a time (the last alone when their
+ * count is odd, so two tiles share each load of x) and split over OpenMP threads; rows in
+ * chunks of 32, filled by `rows`. */
+static inline void gemm_tile_pairs(int64_t M, int64_t N, int64_t groups, int64_t group_bytes,
+                            const uint8_t *wp, const float *bias, float *y, int64_t ldy,
+                            int num_threads, tile_rows_fn rows, const void *ctx) {
+    const int64_t tiles = (N + 7) / 8, pairs = (tiles + 1) / 2;
+#pragma omp parallel for num_threads(num_threads) if (num_threads > 1 && pairs > 1) schedule(static)
+    for (int64_t pr = 0; pr < pairs; pr++) {
+        __m256 acc[2][32];
+        const int64_t t0 = 2 * pr;
+        const int nt = t0 + 1 < tiles ? 2 : 1;
+        const uint8_t *w0 = wp + t0 * groups * group_bytes;
+        for (int64_t m0 = 0; m0 < M; m0 += 32) {
+            const int mrows = (int)(M - m0 < 32 ? M - m0 : 32);
+            rows(ctx, m0, w0, w0 + (nt - 1) * groups * group_bytes, acc[0], acc[1], mrows, nt);
+            for (int t = 0; t < nt; t++) {
+                const int64_t n0 = (t0 + t) * 8;
+                store_rows8_f32(y, ldy, m0, n0, N - n0 < 8 ? N - n0 : 8, acc[t], mrows, bias);
+            }
+        }
+    }
+}
 #else
 #define SPLITSERVE_F32_SIMD 0
 #endif
