@@ -11,8 +11,8 @@ cached, loaded with ctypes.
   (`load_small_gemm`);
 - `quant_gemm.c`: linear layers for few rows straight from GGUF Q4_1 / Q8_0 weights kept
   quantized (`load_quant_gemm`), and `quant_gemm_f32.c` the same for the float32 engine
-  on any AVX2 CPU (`load_quant_gemm_f32`); `quant_gemm_a8.c` runs Q4_1 for the float32
-  engine with its inputs quantized to int8 (`load_quant_gemm_a8`, `--quantization w4a8`);
+  on any AVX2 CPU (`load_quant_gemm_f32`), which also runs Q4_1 for the float32 engine
+  with its inputs quantized to int8 (`load_quant_gemm_a8`, `--quantization w4a8`);
 - `layer_ops.c`: a layer's elementwise steps in bfloat16 (residual add + RMSNorm, RoPE,
   SiLU-and-multiply), one call each (`load_layer_ops`), and in float32 on any AVX2 CPU
   (`load_layer_ops_f32`).
@@ -73,6 +73,14 @@ class _OneDtype:
         return dtype_name(self.DTYPE)
 
 
+def _check_decode_rc(rc: int) -> None:
+    """Raise for a paged-decode call's return code."""
+    if rc == -2:
+        raise MemoryError("paged-decode kernel: out of memory for its scratch")
+    if rc != 0:
+        raise ValueError("paged-decode kernel: a sequence length is outside its block table")
+
+
 class PagedDecodeKernel(_OneDtype):
     """Decode attention for bfloat16 caches laid out as the engine's
     [num_blocks, layers, 2, block_size, kv_heads, head_dim]. DTYPE is q's and out's type,
@@ -129,10 +137,7 @@ class PagedDecodeKernel(_OneDtype):
                       kv_cache.stride(2), block_table.data_ptr(), block_table.shape[1],
                       seq_lens.data_ptr(), D, nkv, nh // nkv, d, kv_cache.shape[3], scale,
                       num_threads)
-        if rc == -2:
-            raise MemoryError("paged-decode kernel: out of memory for its scratch")
-        if rc != 0:
-            raise ValueError("paged-decode kernel: a sequence length is outside its block table")
+        _check_decode_rc(rc)
         return out
 
     def write_kv(self, kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
@@ -233,10 +238,7 @@ class PreparedDecode:
             raise IndexError("write_kv: a slot is outside the cache")
         out = torch.empty(self.out_shape, dtype=dt)
         rc = kern._fn(q.data_ptr(), q.stride(0), out.data_ptr(), layer_k, *self.run_args)
-        if rc == -2:
-            raise MemoryError("paged-decode kernel: out of memory for its scratch")
-        if rc != 0:
-            raise ValueError("paged-decode kernel: a sequence length is outside its block table")
+        _check_decode_rc(rc)
         return out
 
 
@@ -573,14 +575,14 @@ class QuantGemmF32(QuantGemm):
 
 class QuantGemmA8(QuantGemm):
     """float32 y = x @ W.T (+ b) for a Q4_1 weight with x quantized to int8 per group of 32
-    inside the call (csrc/quant_gemm_a8.c, AVX2: `--quantization w4a8`): integer dot products,
+    inside the call (csrc/quant_gemm_f32.c's w4a8 part, AVX2: `--quantization w4a8`): integer dot products,
     ~1.5x the float32 kernel at one row and 1.3-2x at 16-2,048 rows on an AVX2 EPYC, not
     exact (x's rounding: ~0.5 % of a GEMM's output)."""
 
     TILE_N = 8
     BYTES = {"q4_1": 160}
     DTYPE = torch.float32
-    PACK_SUFFIX, GEMM_SUFFIX = "_a8", "a8"
+    PACK_SUFFIX, GEMM_SUFFIX = "_f32", "a8"  # QuantGemmF32's packing
 
 
 class LayerOps(_OneDtype):
@@ -760,7 +762,8 @@ load_paged_prefill_f32 = _kernel_loader("paged_prefill", PagedPrefillKernelF32, 
 load_small_gemm = _kernel_loader("small_gemm", SmallGemm)
 load_quant_gemm = _kernel_loader("quant_gemm", QuantGemm)
 load_quant_gemm_f32 = _kernel_loader("quant_gemm_f32", QuantGemmF32, "AVX2/FMA/F16C")
-load_quant_gemm_a8 = _kernel_loader("quant_gemm_a8", QuantGemmA8, "AVX2/FMA/F16C")
+load_quant_gemm_a8 = _kernel_loader("quant_gemm_f32", QuantGemmA8, "AVX2/FMA/F16C",
+                                    "quant_gemm_a8")
 load_layer_ops = _kernel_loader("layer_ops", LayerOps)
 load_layer_ops_f32 = _kernel_loader("layer_ops", LayerOpsF32, "AVX2/FMA", "layer_ops_f32")
 load_layer_stack = _kernel_loader("layer_stack", LayerStack, "nothing")

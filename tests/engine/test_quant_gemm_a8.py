@@ -1,4 +1,4 @@
-"""The w4a8 kernel (engine/csrc/quant_gemm_a8.c, AVX2): Q4_1 weights against float32 inputs
+"""The w4a8 kernel (in engine/csrc/quant_gemm_f32.c, AVX2): Q4_1 weights against float32 inputs
 quantized to int8 per group of 32 inside the call. Checked against a float64 model of the
 same arithmetic (tight: only float32 summation order differs), against the exact GEMM
 (loose: the inputs' rounding), and the `--quantization w4a8` setting's refusals. Its
