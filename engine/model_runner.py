@@ -11,7 +11,7 @@ import torch
 from .attention import build_metadata, get_backend
 from .config import EngineConfig, ModelConfig
 from .hugepages import zeros_huge
-from .native import dtype_name
+from .native import dtype_name, load_quant_gemm_a8
 from .models import LlamaForCausalLM
 from .outputs import TokenLogprob
 from .sampler import Sampler
@@ -95,8 +95,6 @@ def keep_quantized(config: EngineConfig) -> bool:
 
 def check_w4a8(device: torch.device, dtype: torch.dtype | None) -> None:
     """Raise ValueError (one line naming the flag) where `--quantization w4a8` cannot run."""
-    from .native import load_quant_gemm_a8
-
     if device.type != "cpu":
         raise ValueError("--quantization w4a8 runs on CPU only (on GPU use auto)")
     if dtype != torch.float32:

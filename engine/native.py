@@ -195,7 +195,7 @@ class PreparedDecode:
     q's, k's and v's layout."""
 
     __slots__ = ("kernel", "cache", "base", "layer_bytes", "layers", "write_args", "run_args",
-                 "out_shape", "nkv", "d", "q_shape", "kv_shape", "round_kv")
+                 "d", "q_shape", "kv_shape", "round_kv")
 
     def __init__(self, kernel: PagedDecodeKernel, kv_cache, block_table, seq_lens, num_heads,
                  slot_block, slot_offset, scale, num_threads) -> None:
@@ -206,8 +206,7 @@ class PreparedDecode:
         self.base = kv_cache.data_ptr()
         self.layer_bytes = kv_cache.stride(1) * kv_cache.element_size()
         self.layers = layers
-        self.nkv, self.d = nkv, d
-        self.out_shape = (D, num_heads, d)
+        self.d = d
         self.q_shape, self.kv_shape = (D, num_heads, d), (D, nkv, d)
         self.round_kv = kernel.KV_DTYPE != kernel.DTYPE
         self.write_args = (kv_cache.stride(0), kv_cache.stride(2), kv_cache.shape[0], bs,
@@ -236,7 +235,7 @@ class PreparedDecode:
         if kern._write(layer_k, w[0], w[1], w[2], w[3], k.data_ptr(), k.stride(0),
                        v.data_ptr(), v.stride(0), w[4], w[5], w[6], w[7], w[8]) != 0:
             raise IndexError("write_kv: a slot is outside the cache")
-        out = torch.empty(self.out_shape, dtype=dt)
+        out = torch.empty(self.q_shape, dtype=dt)
         rc = kern._fn(q.data_ptr(), q.stride(0), out.data_ptr(), layer_k, *self.run_args)
         _check_decode_rc(rc)
         return out

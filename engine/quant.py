@@ -174,7 +174,7 @@ class QuantLinear:
             self.packed = self.native.pack(w)
             self.bias = None if bias is None else bias.contiguous()
             self.max_rows = (NATIVE_MAX_ROWS if dtype == torch.bfloat16
-                             else NATIVE_F32_MAX_ROWS).get(w.FORMAT)
+                             else NATIVE_F32_MAX_ROWS)[w.FORMAT]
             return
         if w.FORMAT != "q4_1" or not int4_kernel_available():
             raise ValueError(f"no CPU kernel here runs {w.FORMAT} weights in {dtype}")

@@ -156,6 +156,14 @@ static inline __attribute__((always_inline)) void group_rows(
 /* acc0[r], acc1[r] (8 outputs each) = x[r] @ packed tiles tp0 (and tp1 when nt is 2), for
  * mrows rows of x (at most 32) in the interleaved layout, MB_MAX rows at a time. */
 #define PF_AHEAD 8192
+/* The group PF_AHEAD bytes ahead in both tiles' weight streams, into L1. */
+static inline void prefetch_ahead(const uint8_t *b0, const uint8_t *b1, int64_t bytes) {
+    for (int64_t off = PF_AHEAD; off < PF_AHEAD + bytes; off += 64) {
+        _mm_prefetch((const char *)(b0 + off), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b1 + off), _MM_HINT_T0);
+    }
+}
+
 static void tile_rows(const float *xi, const float *si, int64_t K, int64_t groups,
                       const uint8_t *tp0, const uint8_t *tp1, __m256 *acc0, __m256 *acc1,
                       int mrows, const int nt, const int q8) {
@@ -163,10 +171,7 @@ static void tile_rows(const float *xi, const float *si, int64_t K, int64_t group
     for (int r = 0; r < mrows; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *b0 = tp0 + g * bytes, *b1 = tp1 + g * bytes;
-        for (int64_t off = PF_AHEAD; off < PF_AHEAD + bytes; off += 64) {
-            _mm_prefetch((const char *)(b0 + off), _MM_HINT_T0);
-            _mm_prefetch((const char *)(b1 + off), _MM_HINT_T0);
-        }
+        prefetch_ahead(b0, b1, bytes);
         for (int r0 = 0; r0 < mrows; r0 += MB_MAX) {
             const int mb = mrows - r0 < MB_MAX ? mrows - r0 : MB_MAX;
             const float *xb = xi + (r0 / MB_MAX) * K * MB_MAX + g * GROUP * MB_MAX;
@@ -372,10 +377,7 @@ static void tile_rows_a8(const int8_t *xq, const float *dx, const float *sx, int
     for (int r = 0; r < mrows; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *b0 = tp0 + g * Q4_BYTES, *b1 = tp1 + g * Q4_BYTES;
-        for (int64_t off = PF_AHEAD; off < PF_AHEAD + Q4_BYTES; off += 64) {
-            _mm_prefetch((const char *)(b0 + off), _MM_HINT_T0);
-            _mm_prefetch((const char *)(b1 + off), _MM_HINT_T0);
-        }
+        prefetch_ahead(b0, b1, Q4_BYTES);
         if (nt == 2)
             group_rows_a8(xq + g * GROUP, K, dx + g, sx + g, groups, b0, b1, acc0, acc1, mrows, 2);
         else

@@ -99,7 +99,7 @@ def test_models_the_stack_cannot_run_have_none():
 
 @needs_stack
 def test_the_stack_refuses_what_does_not_fit_its_plan():
-    eng, _ = generate(True)
+    eng = Engine(EngineConfig(dtype="float32", num_kv_blocks=64, progress=False))
     model = eng.runner.model
     kern = native.load_paged_decode_f32()
     cache = eng.runner.kv_cache
