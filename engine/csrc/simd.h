@@ -111,20 +111,38 @@ static inline void gemm_tile_pairs(int64_t M, int64_t N, int64_t groups, int64_t
                             const uint8_t *wp, const float *bias, float *y, int64_t ldy,
                             int num_threads, tile_rows_fn rows, const void *ctx) {
     const int64_t tiles = (N + 7) / 8, pairs = (tiles + 1) / 2;
-#pragma omp parallel for num_threads(num_threads) if (num_threads > 1 && pairs > 1) schedule(static)
-    for (int64_t pr = 0; pr < pairs; pr++) {
-        __m256 acc[2][32];
-        const int64_t t0 = 2 * pr;
-        const int nt = t0 + 1 < tiles ? 2 : 1;
-        const uint8_t *w0 = wp + t0 * groups * group_bytes;
-        for (int64_t m0 = 0; m0 < M; m0 += 32) {
-            const int mrows = (int)(M - m0 < 32 ? M - m0 : 32);
-            rows(ctx, m0, w0, w0 + (nt - 1) * groups * group_bytes, acc[0], acc[1], mrows, nt);
-            for (int t = 0; t < nt; t++) {
-                const int64_t n0 = (t0 + t) * 8;
-                store_rows8_f32(y, ldy, m0, n0, N - n0 < 8 ? N - n0 : 8, acc[t], mrows, bias);
+    /* An output of 4 MB or more (prefill-sized) is written with streaming stores: a normal
+     * store reads each line first, and these lines leave the caches before anything reads
+     * them (in-engine prefill of SmolLM2 with w4a8 on an AVX2 EPYC: ~3.5 % faster). */
+    const int stream = !bias && M * N >= (1 << 20) && ldy % 16 == 0;
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && pairs > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t pr = 0; pr < pairs; pr++) {
+            __m256 acc[2][32];
+            const int64_t t0 = 2 * pr;
+            const int nt = t0 + 1 < tiles ? 2 : 1;
+            const uint8_t *w0 = wp + t0 * groups * group_bytes;
+            for (int64_t m0 = 0; m0 < M; m0 += 32) {
+                const int mrows = (int)(M - m0 < 32 ? M - m0 : 32);
+                rows(ctx, m0, w0, w0 + (nt - 1) * groups * group_bytes, acc[0], acc[1], mrows,
+                     nt);
+                float *y0 = y + m0 * ldy + t0 * 8;
+                if (stream && nt == 2 && t0 * 8 + 16 <= N && ((uintptr_t)y0 & 63) == 0) {
+                    for (int r = 0; r < mrows; r++) { /* the pair's 16 outputs: one cache line */
+                        _mm256_stream_ps(y0 + r * ldy, acc[0][r]);
+                        _mm256_stream_ps(y0 + r * ldy + 8, acc[1][r]);
+                    }
+                    continue;
+                }
+                for (int t = 0; t < nt; t++) {
+                    const int64_t n0 = (t0 + t) * 8;
+                    store_rows8_f32(y, ldy, m0, n0, N - n0 < 8 ? N - n0 : 8, acc[t], mrows,
+                                    bias);
+                }
             }
         }
+        if (stream) _mm_sfence(); /* this thread's streamed lines, visible past the barrier */
     }
 }
 #else

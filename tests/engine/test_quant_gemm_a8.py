@@ -80,6 +80,20 @@ def test_a8_gemm_bias_strided_rows_threads_and_zero_groups():
 
 
 @needs_kernel
+def test_a8_gemm_prefill_sized_output_equals_the_same_rows_in_slices():
+    """An output of 4 MB or more is written with streaming stores and its rows rounded on
+    every thread; each row's arithmetic is that of a small call, so the bytes are equal."""
+    w = random_q4(528, 64, seed=11)  # rows of 528 floats: 64-byte lines
+    packed = gemm.pack(w)
+    x = f32(2001, 64, seed=12)  # 2,001 x 528 outputs: over 1M; an odd last row
+    whole = gemm(x, packed, num_threads=2)
+    sliced = torch.cat([gemm(x[i:i + 41], packed, num_threads=2) for i in range(0, 2001, 41)])
+    assert torch.equal(whole, sliced)
+    assert ((whole[-3:].double() - reference(x[-3:], w)).abs().max()
+            / reference(x[-3:], w).abs().max()).item() < 1e-5
+
+
+@needs_kernel
 def test_a8_gemm_rejects_bad_input():
     w = random_q4(16, 64, seed=0)
     packed = gemm.pack(w)

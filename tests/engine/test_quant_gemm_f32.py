@@ -32,6 +32,20 @@ def test_q4_f32_gemm_reads_each_weight_scale_and_minimum_where_it_belongs():
 
 
 @needs_kernel
+def test_f32_gemm_streamed_output_equals_the_same_rows_in_slices():
+    """An output of 4 MB or more (an lm_head at a batch of ~22 or more) is written with
+    streaming stores: the same bytes as the same rows computed a few at a time."""
+    w = random_q4(40000, 32, seed=4)
+    packed = gemm.pack(w)
+    x = torch.randn(30, 32, generator=torch.Generator().manual_seed(5))
+    whole = gemm(x, packed, num_threads=2)
+    sliced = torch.cat([gemm(x[i:i + 7], packed, num_threads=2) for i in range(0, 30, 7)])
+    assert torch.equal(whole, sliced)
+    assert torch.allclose(whole[:2].double(), x[:2].double() @ w.dequantize().double().T,
+                          rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
 def test_q8_f32_gemm_reads_every_byte_with_its_sign():
     q = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8).repeat(16, 2)  # [16, 512]
     q = q[torch.arange(16)[:, None], (torch.arange(512)[None, :] * 7 + torch.arange(16)[:, None]) % 512]
