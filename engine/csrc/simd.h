@@ -115,9 +115,16 @@ static inline void gemm_tile_pairs(int64_t M, int64_t N, int64_t groups, int64_t
      * store reads each line first, and these lines leave the caches before anything reads
      * them (in-engine prefill of SmolLM2 with w4a8 on an AVX2 EPYC: ~3.5 % faster). */
     const int stream = !bias && M * N >= (1 << 20) && ldy % 16 == 0;
+    /* Prefill-sized calls hand out 2 pairs at a time (a thread the host slows takes fewer:
+     * w4a8 prefill 5-10 % faster than one even share each, alternating in one process);
+     * smaller ones one contiguous share a thread (2 pairs at a time was 10-25 % slower at
+     * 1-4 rows, where each call is tens of microseconds). */
+    const int64_t share = (pairs + (num_threads > 1 ? num_threads : 1) - 1) /
+                          (num_threads > 1 ? num_threads : 1);
+    const int64_t chunk = M >= 256 ? 2 : share;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && pairs > 1)
     {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, chunk)
         for (int64_t pr = 0; pr < pairs; pr++) {
             __m256 acc[2][32];
             const int64_t t0 = 2 * pr;
