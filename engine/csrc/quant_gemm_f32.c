@@ -376,11 +376,14 @@ static inline __attribute__((always_inline)) void group_rows_a8(
  * used by two tiles. The group_rows_a8 loop above keeps its accumulators in memory (32 rows
  * do not fit in registers) and its 16 unpacked weight vectors spill to the stack, so every
  * row reloads them: on an AVX2 EPYC (Zen 3), 2 threads, this took SmolLM2's projections at
- * 2,048 rows from ~90 to ~110 G multiply-adds a second (1.2-1.35x, interleaved runs), 2-16
- * rows 1.2-1.33x; one row stays on group_rows_a8, which reads its weights straight from the
- * packed stream (the buffer costs 10-15 % there). The asm statement keeps GCC 12 from
- * reordering the sums of a group into 32 spilled products (~25 % slower). */
+ * 2,048 rows from ~90 to ~110 G multiply-adds a second (1.2-1.35x, interleaved runs), and
+ * 16-32 rows streamed from memory (a decode step's 120 matrices) 1.12-1.18x. Fewer than
+ * A8_PAIR_ROWS rows stay on group_rows_a8, which reads its weights straight from the packed
+ * stream: there the weights' reads bound the call, and the buffer's extra pass was 10-18 %
+ * slower at 2-4 rows. The asm statement keeps GCC 12 from reordering the sums of a group
+ * into 32 spilled products (~25 % slower). */
 #define A8_CHUNK 16
+#define A8_PAIR_ROWS 8
 typedef struct {
     __m256i w[A8_CHUNK][2][8]; /* [group][tile][input vector]: nibbles as bytes */
     __m256 dm[A8_CHUNK][2][2]; /* [group][tile][d, m] */
@@ -443,27 +446,16 @@ static inline __attribute__((always_inline)) void rows2_a8(const int8_t *x0, con
     a[0][0] = a00, a[0][1] = a01, a[1][0] = a10, a[1][1] = a11;
 }
 
-/* acc0[r], acc1[r] (8 outputs each) = x[r] @ packed tiles tp0 (and tp1 when nt is 2), for
- * mrows rows (at most 32). With one tile, tp0 stands in for tp1 (its acc1 is not stored). */
-static void tile_rows_a8(const int8_t *xq, const float *dx, const float *sx, int64_t K,
-                      int64_t groups, const uint8_t *tp0, const uint8_t *tp1, __m256 *acc0,
-                      __m256 *acc1, int mrows, const int nt) {
-    for (int r = 0; r < mrows; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
-    if (mrows == 1) {
-        for (int64_t g = 0; g < groups; g++) {
-            const uint8_t *b0 = tp0 + g * Q4_BYTES, *b1 = tp1 + g * Q4_BYTES;
-            prefetch_ahead(b0, b1, Q4_BYTES);
-            if (nt == 2)
-                group_rows_a8(xq + g * GROUP, K, dx + g, sx + g, groups, b0, b1, acc0, acc1, 1, 2);
-            else
-                group_rows_a8(xq + g * GROUP, K, dx + g, sx + g, groups, b0, b1, acc0, acc1, 1, 1);
-        }
-        return;
-    }
+/* tile_rows_a8 for A8_PAIR_ROWS rows or more. */
+static __attribute__((noinline)) void tile_rows_a8_pairs(const int8_t *xq, const float *dx,
+                                                          const float *sx, int64_t K,
+                                                          int64_t groups, const uint8_t *tp0,
+                                                          const uint8_t *tp1, __m256 *acc0,
+                                                          __m256 *acc1, int mrows) {
     a8_chunk u;
     for (int64_t g0 = 0; g0 < groups; g0 += A8_CHUNK) {
         const int gn = (int)(groups - g0 < A8_CHUNK ? groups - g0 : A8_CHUNK);
-        unpack_a8(tp0, nt == 2 ? tp1 : tp0, g0, gn, &u);
+        unpack_a8(tp0, tp1, g0, gn, &u);
         for (int r = 0; r < mrows; r += 2) {
             const int r1 = r + 1 < mrows ? r + 1 : r; /* an odd last row: computed twice */
             __m256 a[2][2] = {{acc0[r], acc1[r]}, {acc0[r1], acc1[r1]}};
@@ -473,6 +465,36 @@ static void tile_rows_a8(const int8_t *xq, const float *dx, const float *sx, int
             acc0[r] = a[0][0], acc1[r] = a[0][1], acc0[r1] = a[1][0], acc1[r1] = a[1][1];
         }
     }
+}
+
+/* tile_rows_a8 for fewer rows: the weights' reads bound the call (see above). */
+static __attribute__((noinline)) void tile_rows_a8_few(const int8_t *xq, const float *dx,
+                                                        const float *sx, int64_t K,
+                                                        int64_t groups, const uint8_t *tp0,
+                                                        const uint8_t *tp1, __m256 *acc0,
+                                                        __m256 *acc1, int mrows, const int nt) {
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *b0 = tp0 + g * Q4_BYTES, *b1 = tp1 + g * Q4_BYTES;
+        prefetch_ahead(b0, b1, Q4_BYTES);
+        if (nt == 2)
+            group_rows_a8(xq + g * GROUP, K, dx + g, sx + g, groups, b0, b1, acc0, acc1, mrows,
+                          2);
+        else
+            group_rows_a8(xq + g * GROUP, K, dx + g, sx + g, groups, b0, b1, acc0, acc1, mrows,
+                          1);
+    }
+}
+
+/* acc0[r], acc1[r] (8 outputs each) = x[r] @ packed tiles tp0 (and tp1 when nt is 2), for
+ * mrows rows (at most 32). With one tile, tp0 stands in for tp1 (its acc1 is not stored). */
+static void tile_rows_a8(const int8_t *xq, const float *dx, const float *sx, int64_t K,
+                         int64_t groups, const uint8_t *tp0, const uint8_t *tp1, __m256 *acc0,
+                         __m256 *acc1, int mrows, const int nt) {
+    for (int r = 0; r < mrows; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
+    if (mrows >= A8_PAIR_ROWS)
+        tile_rows_a8_pairs(xq, dx, sx, K, groups, tp0, nt == 2 ? tp1 : tp0, acc0, acc1, mrows);
+    else
+        tile_rows_a8_few(xq, dx, sx, K, groups, tp0, tp1, acc0, acc1, mrows, nt);
 }
 
 /* tile_rows for gemm_tile_pairs: the quantized x, its scales and sums. */
@@ -499,10 +521,14 @@ static int gemm_a8(const float *x, int64_t ldx, int64_t M, const uint8_t *wp, in
     float *dx = (float *)(void *)(qx + M * K), *sx = dx + M * groups;
     /* M * K is a multiple of 32, so dx is 4-byte aligned. Prefill-sized x is rounded on
      * every thread (else the others wait: ~1.5 % of a w4a8 prefill on 2 threads). */
-#pragma omp parallel for num_threads(num_threads) if (num_threads > 1 && M >= 64) schedule(static)
-    for (int64_t r0 = 0; r0 < M; r0 += 16)
-        quantize_rows(x + r0 * ldx, ldx, M - r0 < 16 ? M - r0 : 16, K, qx + r0 * K,
-                      dx + r0 * groups, sx + r0 * groups);
+    if (M < 64 || num_threads < 2) {
+        quantize_rows(x, ldx, M, K, qx, dx, sx);
+    } else {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+        for (int64_t r0 = 0; r0 < M; r0 += 16)
+            quantize_rows(x + r0 * ldx, ldx, M - r0 < 16 ? M - r0 : 16, K, qx + r0 * K,
+                          dx + r0 * groups, sx + r0 * groups);
+    }
     const struct a8_rows ctx = {qx, dx, sx, K, groups};
     gemm_tile_pairs(M, N, groups, Q4_BYTES, wp, bias, y, ldy, num_threads, a8_tile_rows, &ctx);
     free(qx);

@@ -103,52 +103,59 @@ static inline void store_rows8_f32(float *y, int64_t ldy, int64_t row0, int64_t 
 typedef void (*tile_rows_fn)(const void *ctx, int64_t m0, const uint8_t *tp0,
                              const uint8_t *tp1, __m256 *acc0, __m256 *acc1, int mrows, int nt);
 
+/* One pair of adjacent tiles (the last tile alone when their count is odd) of
+ * gemm_tile_pairs, every row, in chunks of 32 rows filled by `rows`; streamed (see below)
+ * when `stream`. */
+static inline void tile_pair(int64_t pr, int64_t M, int64_t N, int64_t groups,
+                             int64_t group_bytes, const uint8_t *wp, const float *bias, float *y,
+                             int64_t ldy, int stream, tile_rows_fn rows, const void *ctx) {
+    const int64_t tiles = (N + 7) / 8, t0 = 2 * pr;
+    const int nt = t0 + 1 < tiles ? 2 : 1;
+    const uint8_t *w0 = wp + t0 * groups * group_bytes;
+    __m256 acc[2][32];
+    for (int64_t m0 = 0; m0 < M; m0 += 32) {
+        const int mrows = (int)(M - m0 < 32 ? M - m0 : 32);
+        rows(ctx, m0, w0, w0 + (nt - 1) * groups * group_bytes, acc[0], acc[1], mrows, nt);
+        float *y0 = y + m0 * ldy + t0 * 8;
+        if (stream && nt == 2 && t0 * 8 + 16 <= N && ((uintptr_t)y0 & 63) == 0) {
+            for (int r = 0; r < mrows; r++) { /* the pair's 16 outputs: one cache line */
+                _mm256_stream_ps(y0 + r * ldy, acc[0][r]);
+                _mm256_stream_ps(y0 + r * ldy + 8, acc[1][r]);
+            }
+            continue;
+        }
+        for (int t = 0; t < nt; t++) {
+            const int64_t n0 = (t0 + t) * 8;
+            store_rows8_f32(y, ldy, m0, n0, N - n0 < 8 ? N - n0 : 8, acc[t], mrows, bias);
+        }
+    }
+}
+
 /* y [M, N] (+ bias) of the float32 quantized GEMMs: tiles of 8 outputs, each `group_bytes`
- * a group for `groups` groups, taken two adjacent tiles at a time (the last alone when their
- * count is odd, so two tiles share each load of x) and split over OpenMP threads; rows in
- * chunks of 32, filled by `rows`. */
+ * a group for `groups` groups, taken two adjacent tiles at a time (so two tiles share each
+ * load of x) and split over OpenMP threads.
+ * Prefill-sized calls (256 rows or more) hand the pairs out 2 at a time, so a thread the
+ * host slows takes fewer (w4a8 prefill of SmolLM2 5-10 % faster than an even share each,
+ * alternating in one process on an AVX2 EPYC), and an output of 4 MB or more is written
+ * with streaming stores: a normal store reads each line first, and these lines leave the
+ * caches before anything reads them (~3.5 % more). Smaller calls (decode: tens of
+ * microseconds each, ~120 a step) keep one even share a thread and one barrier. */
 static inline void gemm_tile_pairs(int64_t M, int64_t N, int64_t groups, int64_t group_bytes,
-                            const uint8_t *wp, const float *bias, float *y, int64_t ldy,
-                            int num_threads, tile_rows_fn rows, const void *ctx) {
-    const int64_t tiles = (N + 7) / 8, pairs = (tiles + 1) / 2;
-    /* An output of 4 MB or more (prefill-sized) is written with streaming stores: a normal
-     * store reads each line first, and these lines leave the caches before anything reads
-     * them (in-engine prefill of SmolLM2 with w4a8 on an AVX2 EPYC: ~3.5 % faster). */
+                                   const uint8_t *wp, const float *bias, float *y, int64_t ldy,
+                                   int num_threads, tile_rows_fn rows, const void *ctx) {
+    const int64_t pairs = ((N + 7) / 8 + 1) / 2;
+    if (M < 256) {
+#pragma omp parallel for num_threads(num_threads) if (num_threads > 1 && pairs > 1) schedule(static)
+        for (int64_t pr = 0; pr < pairs; pr++)
+            tile_pair(pr, M, N, groups, group_bytes, wp, bias, y, ldy, 0, rows, ctx);
+        return;
+    }
     const int stream = !bias && M * N >= (1 << 20) && ldy % 16 == 0;
-    /* Prefill-sized calls hand out 2 pairs at a time (a thread the host slows takes fewer:
-     * w4a8 prefill 5-10 % faster than one even share each, alternating in one process);
-     * smaller ones one contiguous share a thread (2 pairs at a time was 10-25 % slower at
-     * 1-4 rows, where each call is tens of microseconds). */
-    const int64_t share = (pairs + (num_threads > 1 ? num_threads : 1) - 1) /
-                          (num_threads > 1 ? num_threads : 1);
-    const int64_t chunk = M >= 256 ? 2 : share;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && pairs > 1)
     {
-#pragma omp for schedule(dynamic, chunk)
-        for (int64_t pr = 0; pr < pairs; pr++) {
-            __m256 acc[2][32];
-            const int64_t t0 = 2 * pr;
-            const int nt = t0 + 1 < tiles ? 2 : 1;
-            const uint8_t *w0 = wp + t0 * groups * group_bytes;
-            for (int64_t m0 = 0; m0 < M; m0 += 32) {
-                const int mrows = (int)(M - m0 < 32 ? M - m0 : 32);
-                rows(ctx, m0, w0, w0 + (nt - 1) * groups * group_bytes, acc[0], acc[1], mrows,
-                     nt);
-                float *y0 = y + m0 * ldy + t0 * 8;
-                if (stream && nt == 2 && t0 * 8 + 16 <= N && ((uintptr_t)y0 & 63) == 0) {
-                    for (int r = 0; r < mrows; r++) { /* the pair's 16 outputs: one cache line */
-                        _mm256_stream_ps(y0 + r * ldy, acc[0][r]);
-                        _mm256_stream_ps(y0 + r * ldy + 8, acc[1][r]);
-                    }
-                    continue;
-                }
-                for (int t = 0; t < nt; t++) {
-                    const int64_t n0 = (t0 + t) * 8;
-                    store_rows8_f32(y, ldy, m0, n0, N - n0 < 8 ? N - n0 : 8, acc[t], mrows,
-                                    bias);
-                }
-            }
-        }
+#pragma omp for schedule(dynamic, 2) nowait
+        for (int64_t pr = 0; pr < pairs; pr++)
+            tile_pair(pr, M, N, groups, group_bytes, wp, bias, y, ldy, stream, rows, ctx);
         if (stream) _mm_sfence(); /* this thread's streamed lines, visible past the barrier */
     }
 }

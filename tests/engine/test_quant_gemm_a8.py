@@ -39,10 +39,12 @@ def reference(x: torch.Tensor, w) -> torch.Tensor:
 
 @needs_kernel
 @pytest.mark.parametrize("m,n,k,threads", [(1, 24, 64, 1), (1, 960, 576, 2), (3, 40, 96, 2),
-                                           (33, 17, 64, 2), (70, 576, 1536, 2)])
+                                           (13, 40, 608, 2), (33, 17, 64, 2),
+                                           (70, 576, 1536, 2)])
 def test_a8_gemm_matches_its_float64_model(m, n, k, threads):
-    """Every row count (one, a few, past the kernel's 32-row chunk), odd tile counts, rows
-    past the last full tile."""
+    """Every row count (one, a few, an odd count taken two at a time, past the kernel's
+    32-row chunk), odd tile counts, rows past the last full tile, a width past one unpacked
+    chunk of 16 groups (608 = 19 groups)."""
     w = random_q4(n, k, seed=n + k)
     x = f32(m, k, seed=m)
     want = reference(x, w)
@@ -81,8 +83,9 @@ def test_a8_gemm_bias_strided_rows_threads_and_zero_groups():
 
 @needs_kernel
 def test_a8_gemm_prefill_sized_output_equals_the_same_rows_in_slices():
-    """An output of 4 MB or more is written with streaming stores and its rows rounded on
-    every thread; each row's arithmetic is that of a small call, so the bytes are equal."""
+    """A prefill-sized call (256 rows or more, 4 MB of output or more) is written with
+    streaming stores, its tile pairs handed out two at a time and its rows rounded on every
+    thread; each row's arithmetic is that of a small call, so the bytes are equal."""
     w = random_q4(528, 64, seed=11)  # rows of 528 floats: 64-byte lines
     packed = gemm.pack(w)
     x = f32(2001, 64, seed=12)  # 2,001 x 528 outputs: over 1M; an odd last row

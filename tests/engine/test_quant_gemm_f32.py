@@ -33,13 +33,15 @@ def test_q4_f32_gemm_reads_each_weight_scale_and_minimum_where_it_belongs():
 
 @needs_kernel
 def test_f32_gemm_streamed_output_equals_the_same_rows_in_slices():
-    """An output of 4 MB or more (an lm_head at a batch of ~22 or more) is written with
-    streaming stores: the same bytes as the same rows computed a few at a time."""
-    w = random_q4(40000, 32, seed=4)
+    """A prefill-sized call (256 rows or more, 4 MB of output or more) is written with
+    streaming stores, its tile pairs handed out two at a time: the same bytes as the same
+    rows in small calls."""
+    w = random_q4(4000, 32, seed=4)
     packed = gemm.pack(w)
-    x = torch.randn(30, 32, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(301, 32, generator=torch.Generator().manual_seed(5))
     whole = gemm(x, packed, num_threads=2)
-    sliced = torch.cat([gemm(x[i:i + 7], packed, num_threads=2) for i in range(0, 30, 7)])
+    # slices of 32 rows: the kernel's row blocks (its summation order) as in the whole call
+    sliced = torch.cat([gemm(x[i:i + 32], packed, num_threads=2) for i in range(0, 301, 32)])
     assert torch.equal(whole, sliced)
     assert torch.allclose(whole[:2].double(), x[:2].double() @ w.dequantize().double().T,
                           rtol=1e-5, atol=1e-4)
