@@ -326,6 +326,13 @@ static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int
         }
 }
 
+/* 4 int8 inputs as one 32-bit word (memcpy: the bytes were stored as int8). */
+static inline int32_t four_inputs(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
 /* One group of NT (1 or 2) adjacent tiles for mrows rows of x (row r's int8 group at
  * xq + r * K, its dx and sx at dxg[r * groups], sxg[r * groups]):
  * a[t][r] += d_t * dx[r] * sum_k q_tk qx_rk + m_t * sx[r]. The group's weights are unpacked
@@ -352,9 +359,7 @@ static inline __attribute__((always_inline)) void group_rows_a8(
         __m256i s[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++) {
-            int32_t xj;
-            memcpy(&xj, xr + 4 * j, 4);
-            const __m256i xb = _mm256_set1_epi32(xj);
+            const __m256i xb = _mm256_set1_epi32(four_inputs(xr + 4 * j));
             for (int t = 0; t < NT; t++)
                 s[t] = _mm256_add_epi16(s[t], _mm256_maddubs_epi16(w[t][j], xb));
         }
@@ -415,17 +420,16 @@ static inline __attribute__((always_inline)) void rows2_a8(const int8_t *x0, con
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 a00 = a[0][0], a01 = a[0][1], a10 = a[1][0], a11 = a[1][1];
     for (int g = 0; g < gn; g++) {
-        const int32_t *xa = (const int32_t *)(const void *)(x0 + g * GROUP);
-        const int32_t *xb = (const int32_t *)(const void *)(x1 + g * GROUP);
+        const int8_t *xa = x0 + g * GROUP, *xb = x1 + g * GROUP;
         const __m256i(*w)[8] = u->w[g];
-        __m256i bx = _mm256_set1_epi32(xa[0]), by = _mm256_set1_epi32(xb[0]);
+        __m256i bx = _mm256_set1_epi32(four_inputs(xa)), by = _mm256_set1_epi32(four_inputs(xb));
         __m256i s00 = _mm256_maddubs_epi16(w[0][0], bx), s01 = _mm256_maddubs_epi16(w[1][0], bx);
         __m256i s10 = _mm256_maddubs_epi16(w[0][0], by), s11 = _mm256_maddubs_epi16(w[1][0], by);
 #pragma GCC unroll 7
         for (int j = 1; j < 8; j++) {
             const __m256i w0 = w[0][j], w1 = w[1][j];
-            bx = _mm256_set1_epi32(xa[j]);
-            by = _mm256_set1_epi32(xb[j]);
+            bx = _mm256_set1_epi32(four_inputs(xa + 4 * j));
+            by = _mm256_set1_epi32(four_inputs(xb + 4 * j));
             s00 = _mm256_add_epi16(s00, _mm256_maddubs_epi16(w0, bx));
             s01 = _mm256_add_epi16(s01, _mm256_maddubs_epi16(w1, bx));
             s10 = _mm256_add_epi16(s10, _mm256_maddubs_epi16(w0, by));

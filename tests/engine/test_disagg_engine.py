@@ -158,11 +158,12 @@ async def test_async_generate_remote_always_calls_pull(case):
     dec_engine = tiny_engine(CFG)
     if case == "all_cached":
         dec_engine.generate([prompt + [40]], SamplingParams(max_tokens=1, temperature=0))
-    else:  # a running request holds most of the pool
+    else:  # a prefill nobody has pulled holds most of the pool until its pins expire (a
+        # running request instead could finish, freeing the pool, before the pull is planned)
         hog = [5 + i % 100 for i in range(4 * 62)]  # 62 of the 64 blocks
-        dec_engine.add_request("hog", hog, SamplingParams(max_tokens=4, temperature=0,
-                                                          ignore_eos=True))
-        for _ in range(4):  # its prefill, 64 tokens a step
+        dec_engine.add_request("hog", hog, SamplingParams(max_tokens=1, temperature=0),
+                               pin_timeout_s=1.5)
+        while dec_engine.has_unfinished():
             dec_engine.step()
         assert dec_engine.pool.num_free_blocks < 4
     dec = AsyncEngine(dec_engine.config, engine=dec_engine)
