@@ -575,8 +575,9 @@ class QuantGemmF32(QuantGemm):
 class QuantGemmA8(QuantGemm):
     """float32 y = x @ W.T (+ b) for a Q4_1 weight with x quantized to int8 per group of 32
     inside the call (csrc/quant_gemm_f32.c's w4a8 part, AVX2: `--quantization w4a8`): integer dot products,
-    2.2-2.3x the float32 kernel at 1-2,048 rows of SmolLM2's projections on an AVX2 EPYC
-    (best of 5, 2 threads), not exact (x's rounding: ~0.5 % of a GEMM's output)."""
+    1.7x the float32 kernel at one row and 2.1-2.75x at 16-2,048 rows of SmolLM2's
+    projections on an AVX2 EPYC (best of 5, 2 threads; README, *Weights*), not exact (x's
+    rounding: ~0.5 % of a GEMM's output)."""
 
     TILE_N = 8
     BYTES = {"q4_1": 160}

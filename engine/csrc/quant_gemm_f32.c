@@ -396,10 +396,10 @@ typedef struct {
 
 static void unpack_a8(const uint8_t *tp0, const uint8_t *tp1, int64_t g0, int gn, a8_chunk *u) {
     const __m256i low = _mm256_set1_epi8(0x0F);
-    for (int g = 0; g < gn; g++)
+    for (int g = 0; g < gn; g++) {
+        prefetch_ahead(tp0 + (g0 + g) * Q4_BYTES, tp1 + (g0 + g) * Q4_BYTES, Q4_BYTES);
         for (int t = 0; t < 2; t++) {
             const uint8_t *blk = (t ? tp1 : tp0) + (g0 + g) * Q4_BYTES;
-            if (t == 0) prefetch_ahead(blk, tp1 + (g0 + g) * Q4_BYTES, Q4_BYTES);
             for (int c = 0; c < GROUP / 8; c++) {
                 const __m256i p = _mm256_loadu_si256((const __m256i *)(blk + 32 * c));
                 u->w[g][t][2 * c] = _mm256_and_si256(p, low);
@@ -408,6 +408,7 @@ static void unpack_a8(const uint8_t *tp0, const uint8_t *tp1, int64_t g0, int gn
             u->dm[g][t][0] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 128)));
             u->dm[g][t][1] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 144)));
         }
+    }
 }
 
 /* Rows x0 and x1 (int8, their dx and sx at dx0/dx1, sx0/sx1 for group 0 of the chunk)
@@ -490,13 +491,14 @@ static __attribute__((noinline)) void tile_rows_a8_few(const int8_t *xq, const f
 }
 
 /* acc0[r], acc1[r] (8 outputs each) = x[r] @ packed tiles tp0 (and tp1 when nt is 2), for
- * mrows rows (at most 32). With one tile, tp0 stands in for tp1 (its acc1 is not stored). */
+ * mrows rows (at most 32). With one tile, gemm_tile_pairs passes tp1 == tp0 (its acc1 is not
+ * stored). */
 static void tile_rows_a8(const int8_t *xq, const float *dx, const float *sx, int64_t K,
                          int64_t groups, const uint8_t *tp0, const uint8_t *tp1, __m256 *acc0,
                          __m256 *acc1, int mrows, const int nt) {
     for (int r = 0; r < mrows; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
     if (mrows >= A8_PAIR_ROWS)
-        tile_rows_a8_pairs(xq, dx, sx, K, groups, tp0, nt == 2 ? tp1 : tp0, acc0, acc1, mrows);
+        tile_rows_a8_pairs(xq, dx, sx, K, groups, tp0, tp1, acc0, acc1, mrows);
     else
         tile_rows_a8_few(xq, dx, sx, K, groups, tp0, tp1, acc0, acc1, mrows, nt);
 }

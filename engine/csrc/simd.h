@@ -99,7 +99,8 @@ static inline void store_rows8_f32(float *y, int64_t ldy, int64_t row0, int64_t 
 }
 
 /* What fills a chunk of at most 32 rows' accumulators for one or two (nt) adjacent tiles of
- * 8 outputs, from their packed weights tp0 and tp1 (quant_gemm_f32.c, quant_gemm_a8.c). */
+ * 8 outputs, from their packed weights tp0 and tp1 (tp1 == tp0 for one tile): the float32
+ * and the w4a8 halves of quant_gemm_f32.c. */
 typedef void (*tile_rows_fn)(const void *ctx, int64_t m0, const uint8_t *tp0,
                              const uint8_t *tp1, __m256 *acc0, __m256 *acc1, int mrows, int nt);
 
