@@ -76,7 +76,7 @@ class Q4_1Weight(_RowBlocks):
 
     @classmethod
     def from_gguf_blocks(cls, raw: np.ndarray, rows: int, cols: int) -> "Q4_1Weight":
-        """Parse ggml's Q4_1 bytes (`GGUFReader` tensor data, [rows, cols / 32 * 20] uint8)."""
+        """Parse ggml's Q4_1 bytes (a GGUF tensor's data, [rows, cols / 32 * 20] uint8)."""
         blocks, d = cls._blocks(raw, rows, cols, Q4_1_BLOCK_BYTES, "Q4_1")
         m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
         qs = blocks[..., 4:]

@@ -3,8 +3,8 @@
 `gguf.GGUFReader` builds numpy views for every field, which takes seconds on a vocabulary of
 50k-150k strings. Resolving a model and reading its config only need the scalars, the tensor
 names and shapes, so this walks the header with `struct` and skips string arrays it is not
-asked for (their length is still recorded). Tensor data is read with `gguf.GGUFReader`
-(see `gguf_weights.py`).
+asked for (their length is still recorded). `gguf_weights.tensor_arrays` maps the tensor data
+through the table read here.
 """
 
 from __future__ import annotations
@@ -145,6 +145,8 @@ def _parse(path: pathlib.Path, blob: mmap.mmap, string_arrays: Container[str]) -
         pos += 8 * n_dims
         ggml_type, offset = struct.unpack_from("<IQ", blob, pos)
         pos += 12
+        if name in tensors:
+            raise ModelSpecError(f"{path} holds two tensors named {name!r}")
         tensors[name] = GgufTensorInfo(name, tuple(reversed(dims)), ggml_type, offset)
 
     alignment = int(metadata.get("general.alignment", _DEFAULT_ALIGNMENT))

@@ -213,32 +213,74 @@ def state_dict_from_gguf(
     `Q4_1Weight`s / `Q8_0Weight`s (already un-permuted) for the CPU kernels of
     `engine/quant.py`; everything else is dequantized.
     """
-    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     kept = {GGMLQuantizationType.Q4_1: Q4_1Weight, GGMLQuantizationType.Q8_0: Q8_0Weight}
-    reader = GGUFReader(str(path))
-    permuted = str(reader.get_field("general.architecture").contents()) in _PERMUTED_ARCHS
+    header = read_gguf_header(path)
+    permuted = header.architecture in _PERMUTED_ARCHS
     expected = expected_shapes(cfg)
     out: dict[str, torch.Tensor] = {}
-    for tensor in tqdm(reader.tensors, desc=f"Loading {path.name}", unit="tensor", disable=not progress):
-        name = hf_name(tensor.name)
+    tensors = tensor_arrays(header)
+    for info, qtype, data in tqdm(tensors, total=len(header.tensors), desc=f"Loading {path.name}",
+                                  unit="tensor", disable=not progress):
+        name = hf_name(info.name)
         if name is None or name not in expected:
-            if tensor.name != _ROPE_FREQS:  # consumed by load_model_config
-                logger.warning("%s: ignoring unexpected tensor %s", path, tensor.name)
+            if info.name != _ROPE_FREQS:  # consumed by load_model_config
+                logger.warning("%s: ignoring unexpected tensor %s", path, info.name)
             continue
-        # numpy shape of the values is ggml's shape reversed: (rows, cols) as HF has it
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        if keep_quantized and tensor.tensor_type in kept and len(shape) == 2:
-            q = kept[tensor.tensor_type].from_gguf_blocks(tensor.data, *shape)
+        shape = info.shape  # (rows, cols) as HF has it
+        if keep_quantized and qtype in kept and len(shape) == 2:
+            q = kept[qtype].from_gguf_blocks(data, *shape)
             out[name] = q.map_rows(lambda t: _unpermute_if(permuted, name, t, cfg))
             continue
-        values = dequantize(tensor.data, tensor.tensor_type)
+        values = dequantize(data, qtype)
         w = torch.from_numpy(np.array(values, dtype=np.float32, copy=True)).reshape(shape)
         out[name] = _unpermute_if(permuted, name, w, cfg).to(dtype).contiguous()
         del values
     check_complete(str(path), cfg, out, expected)
     return {name: out[name] for name in expected}
+
+
+#: ggml types whose values are stored as plain numbers: their numpy dtype.
+_PLAIN_TYPES = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32,
+                27: np.int64, 28: np.float64}
+
+
+def tensor_arrays(header: GgufHeader):
+    """(info, ggml type, data) for each tensor of `header`'s file, in file order, `data` a
+    read-only view of the memory-mapped file shaped as `gguf.GGUFReader` shapes it: the
+    values for plain types (F32, F16, the integers), else the rows' bytes ([rows, cols /
+    block * block_bytes] uint8, what `gguf.quants.dequantize` takes). `GGUFReader` would
+    first build a numpy view for every element of every metadata array (~8 s of the
+    default model's 9 s load: its vocabulary); the tensor table `read_gguf_header` parsed
+    is all this needs. Raises ModelSpecError for an unknown type or data past the file's
+    end."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import quant_shape_to_byte_shape
+
+    blob = np.memmap(header.path, dtype=np.uint8, mode="r")
+    for info in header.tensors.values():
+        try:
+            qtype = GGMLQuantizationType(info.ggml_type)
+            block, block_bytes = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise ModelSpecError(f"{header.path}: tensor {info.name} has unknown ggml type "
+                                 f"{info.ggml_type}") from None
+        count = math.prod(info.shape)
+        if info.shape and info.shape[-1] % block:
+            raise ModelSpecError(f"{header.path}: tensor {info.name}'s rows ({info.shape[-1]}) "
+                                 f"are not whole {qtype.name} blocks of {block}")
+        start, size = header.data_start + info.offset, count // block * block_bytes
+        if start + size > blob.size:
+            raise ModelSpecError(f"{header.path}: tensor {info.name}'s data ({size} bytes at "
+                                 f"{start}) does not fit the file ({blob.size} bytes)")
+        raw = blob[start : start + size]
+        if qtype in _PLAIN_TYPES:
+            data = raw.view(_PLAIN_TYPES[qtype]).reshape(info.shape)
+        else:
+            data = raw.reshape(quant_shape_to_byte_shape(info.shape, qtype))
+        yield info, qtype, data
 
 
 def _unpermute_if(permuted: bool, name: str, w: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:

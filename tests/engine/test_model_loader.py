@@ -33,6 +33,7 @@ from splitserve.engine.model_loader import (  # noqa: E402
     resolve_model,
 )
 from splitserve.engine.model_loader.gguf_header import read_gguf_header  # noqa: E402
+from splitserve.engine.model_loader.gguf_weights import tensor_arrays  # noqa: E402
 
 TINY = dict(
     vocab_size=128,
@@ -288,6 +289,39 @@ def test_gguf_header_reader_matches_gguf_reader(default_source, default_reader):
         assert info.shape == tuple(reversed(t.shape.tolist()))
         assert info.ggml_type == t.tensor_type
         assert header.data_start + info.offset == t.data_offset
+
+
+def test_tensor_arrays_equal_gguf_reader_data(default_source, default_reader):
+    """Our tensor views (the loader's, without GGUFReader's seconds of metadata views): the
+    same types, shapes, dtypes and bytes as gguf.GGUFReader's for every tensor (Q4_1, Q8_0
+    and float32 ones in the default file)."""
+    header = read_gguf_header(default_source.path)
+    ours = list(tensor_arrays(header))
+    assert [info.name for info, _, _ in ours] == [t.name for t in default_reader.tensors]
+    types = set()
+    for (info, qtype, data), t in zip(ours, default_reader.tensors):
+        assert qtype == t.tensor_type and data.dtype == t.data.dtype, t.name
+        assert data.shape == t.data.shape, t.name
+        assert np.array_equal(data, t.data), t.name
+        types.add(qtype.name)
+    assert {"Q4_1", "Q8_0", "F32"} <= types
+
+
+def test_a_truncated_or_twice_named_gguf_is_a_model_spec_error(tmp_path):
+    model = _tiny_model("llama", tie_word_embeddings=True)
+    path = _write_gguf(tmp_path / "ok.gguf", "llama", model)
+    blob = path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(blob[:-64])
+    source = resolve_model(str(cut))
+    with pytest.raises(ModelSpecError, match="does not fit the file"):
+        load_state_dict(source, progress=False)
+    # two tensors of one name (the writer refuses to write them: rename one in place)
+    twice = tmp_path / "twice.gguf"
+    assert blob.count(b"blk.0.attn_k.weight") == 1
+    twice.write_bytes(blob.replace(b"blk.0.attn_k.weight", b"blk.0.attn_q.weight"))
+    with pytest.raises(ModelSpecError, match="two tensors named 'blk.0.attn_q.weight'"):
+        load_state_dict(resolve_model(str(twice)), progress=False)
 
 
 # ---------------------------------------------------------------- synthetic GGUF files
