@@ -558,6 +558,106 @@ def test_default_tokenizer(default_source, default_tokenizer):
     assert len(tok) == cfg.vocab_size
 
 
+def _write_tokenizer_gguf(path: pathlib.Path) -> pathlib.Path:
+    """A GGUF file whose metadata holds a small byte-level BPE tokenizer (GPT-2's 256 byte
+    characters, 5 merges, 3 special tokens) and a chat template."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    cs = bs[:]
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + len(cs) - 188)
+    byte_chars = dict(zip(bs, map(chr, cs)))
+    merges = ["h e", "l l", "he ll", "\u0120 w", "o r"]
+    tokens = (["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+              + [byte_chars[b] for b in range(256)] + [m.replace(" ", "") for m in merges])
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(0)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}"
+                        "<|im_start|>assistant\n{% endif %}")
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _same_tokenizer(a, b) -> None:
+    for text in ("hello world", "  hello\tworld\n\nhe", "h\u00e9llo w\u00f6rld \U0001f916",
+                 "<|im_start|>user\nhello<|im_end|>", ""):
+        assert a.encode(text) == b.encode(text), text
+        assert a.decode(a.encode(text)) == b.decode(b.encode(text)), text
+    chat = [{"role": "system", "content": "brief"}, {"role": "user", "content": "hello"}]
+    assert (a.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            == b.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+    assert (a.bos_token_id, a.eos_token_id, a.pad_token_id, len(a)) == (
+        b.bos_token_id, b.eos_token_id, b.pad_token_id, len(b))
+    assert a.get_vocab() == b.get_vocab()
+
+
+def test_gguf_tokenizer_is_built_once_then_read_from_the_cache(tmp_path, monkeypatch, caplog):
+    """transformers' GGUF tokenizer build (seconds on a real vocabulary) runs once a file; later
+    loads read the saved copy, which tokenizes, decodes and templates chats the same. A
+    changed file, a damaged entry or a cache that cannot be written: built from the file."""
+    import transformers
+
+    from splitserve.engine.model_loader import tokenizer as tokenizer_mod
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(tokenizer_mod, "tokenizer_cache_dir", lambda: cache)
+    builds: list[str] = []
+    real = transformers.AutoTokenizer.from_pretrained.__func__
+
+    def spy(cls, name, *args, **kwargs):
+        if kwargs.get("gguf_file"):
+            builds.append(kwargs["gguf_file"])
+        return real(cls, name, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", classmethod(spy))
+    path = _write_tokenizer_gguf(tmp_path / "tok.gguf")
+    source = resolve_model(str(path))
+
+    built = load_tokenizer(source)
+    assert builds == ["tok.gguf"] and built.chat_template
+    (entry,) = cache.iterdir()
+    assert (entry / "tokenizer.json").is_file()
+    cached = load_tokenizer(source)
+    assert builds == ["tok.gguf"]  # read from the cache
+    _same_tokenizer(built, cached)
+    assert built.encode("hello world") == [261, 114, 262, 263, 111, 103]  # hell o Ġw or l d
+
+    st = path.stat()  # the file changed (its mtime): a new entry
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    load_tokenizer(source)
+    assert len(builds) == 2 and len(list(cache.iterdir())) == 2
+
+    (entry / "tokenizer.json").write_text("{ not json")  # damaged: warned, rebuilt, replaced
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with caplog.at_level("WARNING"):
+        _same_tokenizer(load_tokenizer(source), built)
+    assert len(builds) == 3 and "ignoring the cached tokenizer" in caplog.text
+    _same_tokenizer(load_tokenizer(source), built)
+    assert len(builds) == 3
+
+    blocked = tmp_path / "a-file"  # the cache's place is taken: every load builds
+    blocked.write_text("")
+    monkeypatch.setattr(tokenizer_mod, "tokenizer_cache_dir", lambda: blocked / "tokenizers")
+    _same_tokenizer(load_tokenizer(source), built)
+    _same_tokenizer(load_tokenizer(source), built)
+    assert len(builds) == 5
+    assert sorted(p.name.startswith(".") for p in cache.iterdir()) == [False, False]  # no temps
+
+
 def test_dir_tokenizer(tmp_path, default_tokenizer):
     model = _tiny_model("llama")
     d = tmp_path / "with-tok"
