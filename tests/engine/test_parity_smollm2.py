@@ -43,32 +43,37 @@ def test_greedy_parity_batched_chunked_prefix_cached(parity_prompts, parity_refe
     assert not failures, "\n".join(failures)
 
 
-#: Settings that move the logits a little, each with why and what was measured.
+#: Settings that move the logits a little, each with why and what was measured, and the
+#: reference's largest top-2 margin at which a prompt may leave it.
 NEAR_EXACT = {
     # keys and values rounded to bfloat16 (2^-9 relative). Measured: 7 of the 8 prompts equal
     # for all 32 tokens, one leaving at token 30 for the runner-up, at a margin of 7e-3.
-    "bf16-kv-cache": {"kv_cache_dtype": "bfloat16"},
+    "bf16-kv-cache": ({"kv_cache_dtype": "bfloat16"}, 0.1),
     # every Q4_1 GEMM's inputs rounded to int8 per group of 32 (~0.5 % of a GEMM's output).
     # Measured: 6 of 8 prompts equal for all 32 tokens; two leave for the runner-up, at
     # tokens 30 and 13, margins 7e-3 and 0.046.
-    "w4a8": {"quantization": "w4a8"},
+    "w4a8": ({"quantization": "w4a8"}, 0.1),
+    # both (the setting of the README's w4a8 bench figures). Measured: 5 of 8 equal; three
+    # leave for the runner-up, at tokens 19, 13 and 24, margins 0.024, 0.046 and 0.29 (the
+    # last: the raw completion prompt, "def fibonacci(n):").
+    "w4a8-bf16-kv-cache": ({"quantization": "w4a8", "kv_cache_dtype": "bfloat16"}, 0.35),
 }
 
 
 @pytest.mark.parametrize("setting", NEAR_EXACT)
 def test_near_exact_settings_depart_only_at_near_ties(setting, parity_prompts, parity_reference):
     """Greedy tokens may leave the exact reference only where its top two are nearly tied
-    (margin < 0.1), and then for its runner-up, on at most half the prompts."""
-    over = NEAR_EXACT[setting]
-    if setting == "w4a8" and native.load_quant_gemm_a8() is None:
+    (the setting's margin), and then for its runner-up, on at most half the prompts."""
+    over, max_margin = NEAR_EXACT[setting]
+    if "quantization" in over and native.load_quant_gemm_a8() is None:
         pytest.skip("the w4a8 kernel is not built here (no compiler or no AVX2/FMA/F16C)")
     eng, got = run_batched(parity_prompts, **over)
-    if setting == "bf16-kv-cache":
+    if "kv_cache_dtype" in over:
         assert eng.runner.kv_cache.dtype == torch.bfloat16
-    else:
+    if "quantization" in over:
         assert eng.runner.model.weight_format == "w4a8"
     departures = first_mismatches(got, parity_reference)
     assert len(departures) <= len(parity_prompts) // 2, explain_mismatches(got, parity_reference)
     for i, j, ours, top2, margin in departures:
-        assert top2 is not None and ours == top2[1] and margin < 0.1, \
+        assert top2 is not None and ours == top2[1] and margin < max_margin, \
             explain_mismatches(got, parity_reference)
