@@ -6,8 +6,8 @@ transformers builds a GGUF file's tokenizer from the file's metadata through
 by every process that serves or tokenizes. So the tokenizer transformers built is saved
 (`save_pretrained`: tokenizer.json, its config, the chat template) under
 `~/.cache/splitserve/tokenizers/`, keyed by the file's path, size and modification time and
-transformers' version, and later loads read that (~0.6 s). Where the cache cannot be written,
-every load builds from the file, as before.
+transformers' version, and later loads read that (~0.6 s once transformers is imported).
+Where the cache cannot be written, every load builds from the file, as before.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def _save(tok, entry: pathlib.Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
         os.replace(tmp, entry)
         tmp = None
-    except OSError as e:
+    except Exception as e:  # the cache only saves time: a failure to write it fails nothing
         if not (entry / "tokenizer.json").is_file():
             logger.info("cannot cache the tokenizer in %s: %s", entry, e)
     finally:
