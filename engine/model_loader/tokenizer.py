@@ -74,8 +74,12 @@ def _gguf_tokenizer(path: pathlib.Path):
     template where transformers set none), from the cache when it holds it."""
     from transformers import AutoTokenizer
 
-    entry = _cache_entry(path)
-    if (entry / "tokenizer.json").is_file():
+    try:
+        entry = _cache_entry(path)
+    except (OSError, RuntimeError) as e:  # no home directory to cache in: build each time
+        logger.info("no tokenizer cache: %s", e)
+        entry = None
+    if entry is not None and (entry / "tokenizer.json").is_file():
         try:
             return AutoTokenizer.from_pretrained(str(entry), local_files_only=True)
         except Exception as e:  # a damaged entry: build again below, and replace it
@@ -88,7 +92,8 @@ def _gguf_tokenizer(path: pathlib.Path):
         template = read_gguf_header(path).metadata.get(CHAT_TEMPLATE_KEY)
         if template:
             tok.chat_template = template
-    _save(tok, entry)
+    if entry is not None:
+        _save(tok, entry)
     return tok
 
 

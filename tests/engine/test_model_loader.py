@@ -655,6 +655,13 @@ def test_gguf_tokenizer_is_built_once_then_read_from_the_cache(tmp_path, monkeyp
     _same_tokenizer(load_tokenizer(source), built)
     _same_tokenizer(load_tokenizer(source), built)
     assert len(builds) == 5
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(tokenizer_mod, "tokenizer_cache_dir", no_home)  # as Path.home() fails
+    _same_tokenizer(load_tokenizer(source), built)
+    assert len(builds) == 6
     assert sorted(p.name.startswith(".") for p in cache.iterdir()) == [False, False]  # no temps
 
 
