@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 
 from splitserve.engine.config import ModelConfig
-from splitserve.engine.model_loader.gguf_weights import load_gguf_config, state_dict_from_gguf
+from splitserve.engine.model_loader.gguf_header import read_gguf_header
+from splitserve.engine.model_loader.gguf_weights import (
+    config_from_gguf,
+    load_gguf_config,
+    state_dict_from_gguf,
+)
 from splitserve.engine.model_loader.hf_dir import config_from_dir, state_dict_from_dir
 from splitserve.engine.model_loader.source import ModelSource
 
@@ -29,7 +34,8 @@ def load_state_dict(
     as `engine.quant.Q4_1Weight` / `Q8_0Weight` instead of dequantized (ignored for HF
     directories).
     """
-    cfg = load_model_config(source)
-    if source.kind == "gguf":
-        return state_dict_from_gguf(source.path, cfg, dtype, progress, keep_quantized)
-    return state_dict_from_dir(source.path, cfg, dtype, progress)
+    if source.kind == "gguf":  # one parse of the header for the config and the tensor table
+        header = read_gguf_header(source.path)
+        return state_dict_from_gguf(header, config_from_gguf(header), dtype, progress,
+                                    keep_quantized)
+    return state_dict_from_dir(source.path, load_model_config(source), dtype, progress)

@@ -561,13 +561,9 @@ def test_default_tokenizer(default_source, default_tokenizer):
 def _write_tokenizer_gguf(path: pathlib.Path) -> pathlib.Path:
     """A GGUF file whose metadata holds a small byte-level BPE tokenizer (GPT-2's 256 byte
     characters, 5 merges, 3 special tokens) and a chat template."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    cs = bs[:]
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + len(cs) - 188)
-    byte_chars = dict(zip(bs, map(chr, cs)))
+    from splitserve.frontend.tokenizer import _byte_level_decoder
+
+    byte_chars = {b: c for c, b in _byte_level_decoder().items()}
     merges = ["h e", "l l", "he ll", "\u0120 w", "o r"]
     tokens = (["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
               + [byte_chars[b] for b in range(256)] + [m.replace(" ", "") for m in merges])
