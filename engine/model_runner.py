@@ -11,6 +11,7 @@ import torch
 from .attention import build_metadata, get_backend
 from .config import EngineConfig, ModelConfig
 from .hugepages import zeros_huge
+from .kv_dtype import FP8
 from .native import dtype_name, load_quant_gemm_a8
 from .models import LlamaForCausalLM
 from .outputs import TokenLogprob
@@ -20,6 +21,8 @@ from .scheduler import SchedulerOutput
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: --kv-cache-dtype names beyond the model dtypes'
+_KV_DTYPES = {**_DTYPES, "fp8": FP8, "fp8_e4m3": FP8}
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -50,17 +53,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def resolve_kv_cache_dtype(name: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The KV cache's dtype for `--kv-cache-dtype name` and the model's dtype: auto is the
-    model's; the one other pair is a bfloat16 cache under a float32 model, on CPU (the CPU
-    backends read it back widened)."""
+    model's; the other pairs are a bfloat16 or float8 e4m3 cache under a float32 model, on
+    CPU (the CPU backends read it back widened)."""
     if name == "auto":
         return dtype
-    kv = _DTYPES[name]
+    kv = _KV_DTYPES[name]
     if kv == dtype:
         return kv
     model = dtype_name(dtype)
-    if (dtype, kv) != (torch.float32, torch.bfloat16):
+    if dtype != torch.float32 or kv not in (torch.bfloat16, FP8):
         raise ValueError(f"--kv-cache-dtype {name} under a {model} model: use auto (the "
-                         "model's dtype), or bfloat16 under a float32 model")
+                         "model's dtype), or bfloat16 or fp8 under a float32 model")
     if device.type != "cpu":
         raise ValueError(f"--kv-cache-dtype {name} under a {model} model runs on CPU only "
                          "(on GPU use auto)")

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from .kv_dtype import FP8, to_cache_dtype
+
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
@@ -148,7 +150,7 @@ class PagedDecodeKernel(_OneDtype):
         T, nkv, d = k.shape
         _, layers, _, bs, cnkv, cd = kv_cache.shape
         if self.KV_DTYPE != self.DTYPE and k.dtype == self.DTYPE:
-            k, v = k.to(self.KV_DTYPE), v.to(self.KV_DTYPE)
+            k, v = to_cache_dtype(k, self.KV_DTYPE), to_cache_dtype(v, self.KV_DTYPE)
         if (kv_cache.dtype != self.KV_DTYPE or not kv_cache.is_contiguous()
                 or not 0 <= layer < layers or (cnkv, cd) != (nkv, d) or v.shape != k.shape):
             raise ValueError(f"write_kv takes {self.dtype_name} k and v of the cache's heads")
@@ -229,7 +231,7 @@ class PreparedDecode:
         if not 0 <= layer < self.layers:
             raise ValueError(f"the paged-decode kernel: layer {layer} outside the cache")
         if self.round_kv:
-            k, v = k.to(kern.KV_DTYPE), v.to(kern.KV_DTYPE)
+            k, v = to_cache_dtype(k, kern.KV_DTYPE), to_cache_dtype(v, kern.KV_DTYPE)
         layer_k = self.base + layer * self.layer_bytes
         w = self.write_args
         if kern._write(layer_k, w[0], w[1], w[2], w[3], k.data_ptr(), k.stride(0),
@@ -259,6 +261,15 @@ class PagedDecodeKernelF32BF16KV(PagedDecodeKernel):
     SUFFIX = "f32_bf16kv"
 
 
+class PagedDecodeKernelF32FP8KV(PagedDecodeKernel):
+    """Float32 q over a float8 e4m3 cache (AVX2, FMA and F16C): a float32 engine with
+    `--kv-cache-dtype fp8`, a quarter of the float32 cache's bytes a step."""
+
+    DTYPE = torch.float32
+    KV_DTYPE = FP8
+    SUFFIX = "f32_fp8kv"
+
+
 def fn_address(fn) -> int:
     """A ctypes function's address, for a kernel that calls other kernels (layer_stack.c)."""
     return ctypes.cast(fn, ctypes.c_void_p).value
@@ -284,7 +295,7 @@ class _Stack(ctypes.Structure):
         ("final_norm", _ptr)] + [(n, _ptr) for n in (
             "add_rms_norm", "rope", "silu_mul", "write_kv", "decode", "cos", "sin")] + [
         ("T", _i64)] + [(n, _ptr) for n in (
-            "h", "out", "positions", "x", "qkv", "attn", "delta", "gu", "act", "kv16",
+            "h", "out", "positions", "x", "qkv", "attn", "delta", "gu", "act", "kvn",
             "cache")] + [(n, _i64) for n in (
                 "layer_bytes", "block_stride", "v_off", "num_blocks", "bs", "kv_elem")] + [
         (n, _ptr) for n in ("slot_block", "slot_offset", "tables", "seq_lens")] + [
@@ -350,11 +361,11 @@ class LayerStack:
                            ("gu", 2 * inter), ("act", inter)):
             setattr(st, name, ptr)
             ptr += T * size * f
-        kv16 = None
+        kvn = None
         if decode.round_kv:
-            kv16 = torch.empty(T * 2 * st.nkv * st.d, dtype=torch.bfloat16)
+            kvn = torch.empty(T * 2 * st.nkv * st.d, dtype=kern.KV_DTYPE)
         w, r = decode.write_args, decode.run_args
-        st.kv16 = kv16.data_ptr() if kv16 is not None else None
+        st.kvn = kvn.data_ptr() if kvn is not None else None
         st.cache, st.layer_bytes = decode.base, decode.layer_bytes
         st.block_stride, st.v_off, st.num_blocks, st.bs = w[0], w[1], w[2], w[3]
         st.slot_block, st.slot_offset, st.kv_elem = w[4], w[5], w[8]
@@ -756,6 +767,8 @@ load_paged_decode_f32 = _kernel_loader("paged_decode", PagedDecodeKernelF32, "AV
                                        "paged_decode_f32")
 load_paged_decode_f32_bf16kv = _kernel_loader("paged_decode", PagedDecodeKernelF32BF16KV,
                                               "AVX2/FMA", "paged_decode_f32")
+load_paged_decode_f32_fp8kv = _kernel_loader("paged_decode", PagedDecodeKernelF32FP8KV,
+                                             "AVX2/FMA/F16C", "paged_decode_f32")
 load_paged_prefill = _kernel_loader("paged_prefill", PagedPrefillKernel)
 load_paged_prefill_f32 = _kernel_loader("paged_prefill", PagedPrefillKernelF32, "AVX2/FMA",
                                         "paged_prefill_f32")
@@ -768,6 +781,7 @@ load_layer_ops = _kernel_loader("layer_ops", LayerOps)
 load_layer_ops_f32 = _kernel_loader("layer_ops", LayerOpsF32, "AVX2/FMA", "layer_ops_f32")
 load_layer_stack = _kernel_loader("layer_stack", LayerStack, "nothing")
 _LOADERS = (load_paged_decode, load_paged_decode_f32, load_paged_decode_f32_bf16kv,
+            load_paged_decode_f32_fp8kv,
             load_paged_prefill,
             load_paged_prefill_f32, load_small_gemm, load_quant_gemm, load_quant_gemm_f32,
             load_quant_gemm_a8,

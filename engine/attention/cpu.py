@@ -56,8 +56,10 @@ from __future__ import annotations
 import torch
 
 from .base import AttentionMetadata
+from ..kv_dtype import FP8
 from ..native import (PreparedDecode, load_paged_decode, load_paged_decode_f32,
-                      load_paged_decode_f32_bf16kv, load_paged_prefill, load_paged_prefill_f32)
+                      load_paged_decode_f32_bf16kv, load_paged_decode_f32_fp8kv,
+                      load_paged_prefill, load_paged_prefill_f32)
 from .torch_ref import TorchAttentionBackend
 
 
@@ -65,11 +67,13 @@ class CpuAttentionBackend(TorchAttentionBackend):
     name = "cpu"
 
     def __init__(self, dtype: torch.dtype | None = None) -> None:
-        """dtype: the model's (q's); None: the cache's. A float32 model over a bfloat16
-        cache (`--kv-cache-dtype bfloat16`) decodes with float32 q over it."""
-        bf16_cache = load_paged_decode_f32_bf16kv if dtype == torch.float32 else load_paged_decode
+        """dtype: the model's (q's); None: the cache's. A float32 model over a bfloat16 or
+        float8 cache (`--kv-cache-dtype bfloat16 / fp8`) decodes with float32 q over it."""
+        f32 = dtype == torch.float32
+        bf16_cache = load_paged_decode_f32_bf16kv if f32 else load_paged_decode
         #: The paged-decode kernel for each cache dtype it is built for here.
-        self.kernels = _built({torch.bfloat16: bf16_cache, torch.float32: load_paged_decode_f32})
+        self.kernels = _built({torch.bfloat16: bf16_cache, torch.float32: load_paged_decode_f32,
+                               **({FP8: load_paged_decode_f32_fp8kv} if f32 else {})})
         #: The paged-prefill kernel likewise.
         self.prefill_kernels = _built({torch.bfloat16: load_paged_prefill,
                                        torch.float32: load_paged_prefill_f32})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..kv_dtype import to_cache_dtype
 from .base import AttentionMetadata
 
 
@@ -61,8 +62,8 @@ class TorchAttentionBackend:
         """This step's k and v [T, kv_heads, d] into their cache slots (rounded to the
         cache's dtype where it is narrower: `--kv-cache-dtype`)."""
         layer_cache = kv_cache[:, layer]  # [NB, 2, bs, nkv, d] (a view)
-        layer_cache[meta.slot_block, 0, meta.slot_offset] = k.to(kv_cache.dtype)
-        layer_cache[meta.slot_block, 1, meta.slot_offset] = v.to(kv_cache.dtype)
+        layer_cache[meta.slot_block, 0, meta.slot_offset] = to_cache_dtype(k, kv_cache.dtype)
+        layer_cache[meta.slot_block, 1, meta.slot_offset] = to_cache_dtype(v, kv_cache.dtype)
 
     def _prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  kv_cache: torch.Tensor, ctx: int, table: torch.Tensor,

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "fp8.h"
 
 typedef int (*gemm_fn)(const float *x, int64_t ldx, int64_t M, const uint8_t *wp, int64_t N,
                        int64_t K, const float *bias, float *y, int64_t ldy, int threads);
@@ -59,7 +60,7 @@ struct stack {
     float *out; /* [T, hidden] the final norm's output */
     const int64_t *positions;
     float *x, *qkv, *attn, *delta, *gu, *act; /* scratch, as the Python loop's tensors */
-    uint16_t *kv16;                           /* [T, 2, nkv * d] when kv_elem is 2 */
+    void *kvn; /* [T, 2, nkv * d] k and v rounded to a narrower cache (kv_elem 2 or 1) */
     char *cache;
     int64_t layer_bytes, block_stride, v_off, num_blocks;
     int64_t bs, kv_elem;
@@ -95,15 +96,24 @@ int splitserve_layer_stack_f32(const struct stack *s) {
         char *layer_k = s->cache + li * s->layer_bytes;
         const float *k = s->qkv + qs, *v = s->qkv + qs + kvs;
         int rc;
-        if (s->kv_elem == 2) { /* a bfloat16 cache: k and v rounded as torch rounds them */
+        if (s->kv_elem == 2 || s->kv_elem == 1) { /* bfloat16 or float8: rounded as torch */
+            const int64_t es = s->kv_elem;
             for (int64_t t = 0; t < T; t++)
                 for (int64_t i = 0; i < kvs; i++) {
-                    s->kv16[(2 * t) * kvs + i] = f32_to_bf16(k[t * nqkv + i]);
-                    s->kv16[(2 * t + 1) * kvs + i] = f32_to_bf16(v[t * nqkv + i]);
+                    const float kf = k[t * nqkv + i], vf = v[t * nqkv + i];
+                    const int64_t ki = (2 * t) * kvs + i, vi = (2 * t + 1) * kvs + i;
+                    if (es == 2) {
+                        ((uint16_t *)s->kvn)[ki] = f32_to_bf16(kf);
+                        ((uint16_t *)s->kvn)[vi] = f32_to_bf16(vf);
+                    } else {
+                        ((uint8_t *)s->kvn)[ki] = f32_to_fp8_e4m3(kf);
+                        ((uint8_t *)s->kvn)[vi] = f32_to_fp8_e4m3(vf);
+                    }
                 }
             rc = ((write_fn)s->write_kv)(layer_k, s->block_stride, s->v_off, s->num_blocks,
-                                         (int)s->bs, s->kv16, 2 * kvs, s->kv16 + kvs, 2 * kvs,
-                                         s->slot_block, s->slot_offset, T, kvs, 2);
+                                         (int)s->bs, s->kvn, 2 * kvs, (char *)s->kvn + kvs * es,
+                                         2 * kvs, s->slot_block, s->slot_offset, T, kvs,
+                                         (int)es);
         } else {
             rc = ((write_fn)s->write_kv)(layer_k, s->block_stride, s->v_off, s->num_blocks,
                                          (int)s->bs, k, nqkv, v, nqkv, s->slot_block,

@@ -24,6 +24,7 @@
 #endif
 
 #include "bf16.h"
+#include "fp8.h"
 #include "simd.h"
 
 /* Prefetching. A part reads a stream of 2 x its blocks (its K blocks, then its V blocks:
@@ -287,30 +288,46 @@ static void decode_part(const uint16_t *q, const uint16_t *layer_k, int64_t bloc
     }
 }
 
-/* ---- float32 queries: a float32 cache, or a bfloat16 one (kv16) -------------------- */
+/* ---- float32 queries: a float32, bfloat16 or float8 cache ------------------------------ */
 
-/* The float32 path reads its cache through these: element i of a float32 cache (kv16 == 0)
- * or of a bfloat16 one (kv16 == 1: a float32 engine's `--kv-cache-dtype bfloat16`, half the
- * bytes a step reads), as float32. kv16 is a constant wherever they are inlined, so each
- * instantiation below compiles to plain loads or to one widen-and-shift. */
-#define KV_ES(kv16) ((kv16) ? 2 : 4)
+/* The float32 path reads its cache through these: element i of a cache of `kvb`-byte
+ * elements as float32 — 4: float32; 2: bfloat16 (a float32 engine's `--kv-cache-dtype
+ * bfloat16`, half the bytes a step reads); 1: float8 e4m3 (`--kv-cache-dtype fp8`, a
+ * quarter), read as FP8_UNIT times its value (see kv_load8). kvb is a constant wherever
+ * they are inlined, so each instantiation below compiles to plain loads, to one
+ * widen-and-shift, or to a widen, shift, mask and half-precision convert. */
+#define KV_ES(kvb) (kvb)
+/* kv_load8 reads a float8 value v as v / 256 (exactly: a power of two), so the float8
+ * path scales q by 256 and its output by 256 (exact too): the scores and outputs are the
+ * ones of the values themselves, bit for bit. */
+#define FP8_UNIT (1.f / 256.f)
 
 static inline __attribute__((always_inline)) const void *kv_at(const void *p, int64_t i,
-                                                               const int kv16) {
-    return (const char *)p + i * KV_ES(kv16);
+                                                               const int kvb) {
+    return (const char *)p + i * KV_ES(kvb);
 }
 
 static inline __attribute__((always_inline)) float kv_elem(const void *p, int64_t i,
-                                                           const int kv16) {
-    return kv16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+                                                           const int kvb) {
+    if (kvb == 1) return fp8_e4m3_to_f32(((const uint8_t *)p)[i]) * FP8_UNIT;
+    return kvb == 2 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 #if SPLITSERVE_F32_SIMD
 static inline __attribute__((always_inline)) __m256 kv_load8(const void *p, int64_t i,
-                                                             const int kv16) {
-    if (!kv16) return _mm256_loadu_ps((const float *)p + i);
-    const __m128i raw = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+                                                             const int kvb) {
+    if (kvb == 4) return _mm256_loadu_ps((const float *)p + i);
+    if (kvb == 2) {
+        const __m128i raw = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+    }
+    /* e4m3 byte s eeee mmm -> the half-precision number s 0eeee mmm0000000, i.e. the value
+     * / 256 (subnormals included: e = 0 is a half-precision subnormal too): sign-extend to
+     * 16 bits, shift by 7 (bit 15 keeps the sign, bit 14 gets it too), clear bit 14. */
+    const __m128i raw = _mm_loadl_epi64((const __m128i *)((const uint8_t *)p + i));
+    const __m128i h = _mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(raw), 7),
+                                    _mm_set1_epi16((short)0xBF80));
+    return _mm256_cvtph_ps(h);
 }
 
 /* The 8 lane sums of a[0..7] as the 8 lanes of one vector (two rounds of hadd, then the
@@ -326,7 +343,7 @@ static inline __m256 hsum8x8_ps(const __m256 *a) {
  * m real): one FMA accumulator a token, summed 8 at a time by hsum8x8_ps. */
 static inline __attribute__((always_inline)) void scores8_f32(
     const void *k, int64_t tok, const float *q, int g, int d, float *s, int64_t s_stride, int m,
-    pf_cursor *pc, int share, const int kv16) {
+    pf_cursor *pc, int share, const int kvb) {
     for (int j = 0; j < g; j++) {
         pf_take(pc, share);
         __m256 a[8];
@@ -336,7 +353,7 @@ static inline __attribute__((always_inline)) void scores8_f32(
             const __m256 qv = _mm256_loadu_ps(q + j * d + c);
 #pragma GCC unroll 8
             for (int t = 0; t < 8; t++)
-                a[t] = _mm256_fmadd_ps(kv_load8(k, t * tok + c, kv16), qv, a[t]);
+                a[t] = _mm256_fmadd_ps(kv_load8(k, t * tok + c, kvb), qv, a[t]);
         }
         const __m256 r = hsum8x8_ps(a);
         if (m >= 8) {
@@ -349,12 +366,48 @@ static inline __attribute__((always_inline)) void scores8_f32(
     }
 }
 
+/* scores8_f32 for G <= 3 query heads a kv head, 4 tokens at a time (all 4 rows inside the
+ * block, the first m real): each K vector is widened once for every head of the group
+ * (scores8_f32 widens it once a head), 4 x G accumulators in registers. Over a bfloat16 or
+ * float8 cache that is about half the instructions; SmolLM2's cache (g = 3), 30 layers,
+ * 2 threads, random block ids, on an AVX2 EPYC: see the README's *KV cache dtype*. */
+static inline __attribute__((always_inline)) void scores4_f32(
+    const void *k, int64_t tok, const float *q, const int G, int d, float *s, int64_t s_stride,
+    int m, pf_cursor *pc, int share, const int kvb) {
+    pf_take(pc, share);
+    __m256 a[4][3];
+#pragma GCC unroll 4
+    for (int t = 0; t < 4; t++)
+        for (int j = 0; j < G; j++) a[t][j] = _mm256_setzero_ps();
+    for (int c = 0; c < d; c += 8) {
+        __m256 qv[3];
+        for (int j = 0; j < G; j++) qv[j] = _mm256_loadu_ps(q + j * d + c);
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; t++) {
+            const __m256 kv = kv_load8(k, t * tok + c, kvb);
+            for (int j = 0; j < G; j++) a[t][j] = _mm256_fmadd_ps(kv, qv[j], a[t][j]);
+        }
+    }
+    for (int j = 0; j < G; j++) { /* lanes of token t summed into lane t (see hsum8x8_ps) */
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0][j], a[1][j]),
+                                        _mm256_hadd_ps(a[2][j], a[3][j]));
+        const __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        if (m >= 4) {
+            _mm_storeu_ps(s + j * s_stride, r);
+        } else {
+            float tmp[4];
+            _mm_storeu_ps(tmp, r);
+            memcpy(s + j * s_stride, tmp, sizeof(float) * m);
+        }
+    }
+}
+
 /* accumulate_head for float32 queries with head_dim a multiple of 16 and G <= 6 query
  * heads a kv head: 16 columns at a time, the G x 2 accumulators in registers (all 64 of
  * a head would need 8 G of AVX2's 16). */
 static inline __attribute__((always_inline)) void accumulate16_f32(
     const void *v, int64_t stride, int n, const float *p, int64_t p_stride, const int G,
-    int d, float *acc, pf_cursor *pc, int share, const int kv16) {
+    int d, float *acc, pf_cursor *pc, int share, const int kvb) {
     for (int c = 0; c < d; c += 16) {
         __m256 a[6][2];
 #pragma GCC unroll 6
@@ -362,8 +415,8 @@ static inline __attribute__((always_inline)) void accumulate16_f32(
             a[j][0] = _mm256_loadu_ps(acc + j * d + c), a[j][1] = _mm256_loadu_ps(acc + j * d + c + 8);
         for (int t = 0; t < n; t++) {
             if (c == 0) pf_take(pc, share);
-            const __m256 r0 = kv_load8(v, t * stride + c, kv16),
-                         r1 = kv_load8(v, t * stride + c + 8, kv16);
+            const __m256 r0 = kv_load8(v, t * stride + c, kvb),
+                         r1 = kv_load8(v, t * stride + c + 8, kvb);
 #pragma GCC unroll 6
             for (int j = 0; j < G; j++) {
                 const __m256 w = _mm256_broadcast_ss(p + j * p_stride + t);
@@ -380,16 +433,16 @@ static inline __attribute__((always_inline)) void accumulate16_f32(
 
 static inline __attribute__((always_inline)) void accumulate_head_f32(
     const void *v, int64_t stride, int n, const float *p, int64_t p_stride, int g, int d,
-    float *acc, pf_cursor *pc, int share, const int kv16) {
+    float *acc, pf_cursor *pc, int share, const int kvb) {
 #if SPLITSERVE_F32_SIMD
     if (d % 16 == 0) {
         switch (g) {
-        case 1: accumulate16_f32(v, stride, n, p, p_stride, 1, d, acc, pc, share, kv16); return;
-        case 2: accumulate16_f32(v, stride, n, p, p_stride, 2, d, acc, pc, share, kv16); return;
-        case 3: accumulate16_f32(v, stride, n, p, p_stride, 3, d, acc, pc, share, kv16); return;
-        case 4: accumulate16_f32(v, stride, n, p, p_stride, 4, d, acc, pc, share, kv16); return;
-        case 5: accumulate16_f32(v, stride, n, p, p_stride, 5, d, acc, pc, share, kv16); return;
-        case 6: accumulate16_f32(v, stride, n, p, p_stride, 6, d, acc, pc, share, kv16); return;
+        case 1: accumulate16_f32(v, stride, n, p, p_stride, 1, d, acc, pc, share, kvb); return;
+        case 2: accumulate16_f32(v, stride, n, p, p_stride, 2, d, acc, pc, share, kvb); return;
+        case 3: accumulate16_f32(v, stride, n, p, p_stride, 3, d, acc, pc, share, kvb); return;
+        case 4: accumulate16_f32(v, stride, n, p, p_stride, 4, d, acc, pc, share, kvb); return;
+        case 5: accumulate16_f32(v, stride, n, p, p_stride, 5, d, acc, pc, share, kvb); return;
+        case 6: accumulate16_f32(v, stride, n, p, p_stride, 6, d, acc, pc, share, kvb); return;
         default: break;
         }
     }
@@ -397,40 +450,55 @@ static inline __attribute__((always_inline)) void accumulate_head_f32(
     for (int t = 0; t < n; t++)
         for (int j = 0; j < g; j++) {
             const float w = p[j * p_stride + t];
-            for (int c = 0; c < d; c++) acc[j * d + c] += w * kv_elem(v, t * stride + c, kv16);
+            for (int c = 0; c < d; c++) acc[j * d + c] += w * kv_elem(v, t * stride + c, kvb);
         }
 }
 
-/* decode_part for float32 q (no bf16 copy of q) over a float32 or (kv16) bfloat16 cache. */
+/* decode_part for float32 q (no bf16 copy of q) over a cache of kvb-byte elements. */
 static inline __attribute__((always_inline)) void decode_part_f32(
     const float *q, const void *layer_k, int64_t block_stride, int64_t v_off,
     const int64_t *table, int64_t t_begin, int64_t t_end, int nkv, int g, int d, int bs,
-    float scale, float *s, float *qf, float *m, float *l, float *acc, const int kv16) {
+    float scale, float *s, float *qf, float *m, float *l, float *acc, const int kvb) {
     const int nh = nkv * g;
     table += t_begin / bs;
     const int64_t len = t_end - t_begin;
-    const int64_t tok = (int64_t)nkv * d, blk_bytes = (int64_t)bs * tok * KV_ES(kv16);
+    const int64_t tok = (int64_t)nkv * d, blk_bytes = (int64_t)bs * tok * KV_ES(kvb);
     const int64_t nblocks = (len + bs - 1) / bs;
     const char *kb = (const char *)layer_k;
-    const int64_t sb = block_stride * KV_ES(kv16), vb = v_off * KV_ES(kv16);
-    for (int i = 0; i < nh * d; i++) qf[i] = q[i] * scale;
+    const int64_t sb = block_stride * KV_ES(kvb), vb = v_off * KV_ES(kvb);
+    /* a float8 cache reads as FP8_UNIT x its values: q x 256 (exact) makes up for it */
+    const float qscale = kvb == 1 ? scale / FP8_UNIT : scale;
+    for (int i = 0; i < nh * d; i++) qf[i] = q[i] * qscale;
     const int blk_lines = (int)((blk_bytes + 63) / 64);
     pf_cursor pc = {0, 0};
     for (int64_t i = 0; i < PREFETCH_BLOCKS; i++)
         pf_seek(&pc, kb, table, sb, vb, nblocks, i, blk_bytes);
     for (int64_t b = 0; b < nblocks; b++) {
-        const void *k = kv_at(layer_k, table[b] * block_stride, kv16);
+        const void *k = kv_at(layer_k, table[b] * block_stride, kvb);
         pf_seek(&pc, kb, table, sb, vb, nblocks, b + PREFETCH_BLOCKS, blk_bytes);
         const int64_t t0 = b * bs;
         const int n = (int)(len - t0 < bs ? len - t0 : bs);
 #if SPLITSERVE_F32_SIMD
+        if (d % 8 == 0 && bs % 8 == 0 && g <= 3) {
+            const int calls = (bs / 4) * nkv, k_share = (blk_lines + calls - 1) / calls;
+            for (int tt = 0; tt < n; tt += 4)
+                for (int h = 0; h < nkv; h++) {
+                    const void *kh = kv_at(k, tt * tok + h * d, kvb);
+                    const float *qh = qf + (int64_t)h * g * d;
+                    float *sh = s + (int64_t)h * g * len + t0 + tt;
+                    if (g == 1) scores4_f32(kh, tok, qh, 1, d, sh, len, n - tt, &pc, k_share, kvb);
+                    else if (g == 2) scores4_f32(kh, tok, qh, 2, d, sh, len, n - tt, &pc, k_share, kvb);
+                    else scores4_f32(kh, tok, qh, 3, d, sh, len, n - tt, &pc, k_share, kvb);
+                }
+            continue;
+        }
         if (d % 8 == 0 && bs % 8 == 0) {
             const int calls = (bs / 8) * nkv * g, k_share = (blk_lines + calls - 1) / calls;
             for (int tt = 0; tt < n; tt += 8)
                 for (int h = 0; h < nkv; h++)
-                    scores8_f32(kv_at(k, tt * tok + h * d, kv16), tok, qf + (int64_t)h * g * d,
+                    scores8_f32(kv_at(k, tt * tok + h * d, kvb), tok, qf + (int64_t)h * g * d,
                                 g, d, s + (int64_t)h * g * len + t0 + tt, len, n - tt, &pc,
-                                k_share, kv16);
+                                k_share, kvb);
             continue;
         }
 #endif
@@ -438,35 +506,39 @@ static inline __attribute__((always_inline)) void decode_part_f32(
             for (int qh = 0; qh < nh; qh++) {
                 const int64_t row = t * tok + (qh / g) * d;
                 float dot = 0.f;
-                for (int c = 0; c < d; c++) dot += qf[qh * d + c] * kv_elem(k, row + c, kv16);
+                for (int c = 0; c < d; c++) dot += qf[qh * d + c] * kv_elem(k, row + c, kvb);
                 s[qh * len + t0 + t] = dot;
             }
     }
     for (int qh = 0; qh < nh; qh++) l[qh] = exp_shifted(s + qh * len, len, &m[qh]);
     memset(acc, 0, sizeof(float) * nh * d);
     for (int64_t b = 0; b < nblocks; b++) {
-        const void *v = kv_at(layer_k, table[b] * block_stride + v_off, kv16);
+        const void *v = kv_at(layer_k, table[b] * block_stride + v_off, kvb);
         pf_seek(&pc, kb, table, sb, vb, nblocks, nblocks + b + PREFETCH_BLOCKS, blk_bytes);
         const int64_t t0 = b * bs;
         const int n = (int)(len - t0 < bs ? len - t0 : bs);
         const int v_share = (blk_lines + n * nkv - 1) / (n * nkv);
         for (int h = 0; h < nkv; h++)
-            accumulate_head_f32(kv_at(v, h * d, kv16), tok, n, s + (int64_t)h * g * len + t0,
-                                len, g, d, acc + h * g * d, &pc, v_share, kv16);
+            accumulate_head_f32(kv_at(v, h * d, kvb), tok, n, s + (int64_t)h * g * len + t0,
+                                len, g, d, acc + h * g * d, &pc, v_share, kvb);
     }
+    if (kvb == 1)
+        for (int i = 0; i < nh * d; i++) acc[i] *= 1.f / FP8_UNIT;
 }
 
-/* The two instantiations: decode_part_f32_kv32 (float32 cache) and _kv16 (bfloat16). */
-#define DECODE_PART_F32(suffix, kv16)                                                          \
+/* The three instantiations: decode_part_f32_kv32 (float32 cache), _kv16 (bfloat16) and
+ * _kv8 (float8 e4m3). */
+#define DECODE_PART_F32(suffix, kvb)                                                           \
     static void decode_part_f32_##suffix(                                                      \
         const float *q, const void *layer_k, int64_t block_stride, int64_t v_off,              \
         const int64_t *table, int64_t t_begin, int64_t t_end, int nkv, int g, int d, int bs,   \
         float scale, float *s, float *qf, float *m, float *l, float *acc) {                    \
         decode_part_f32(q, layer_k, block_stride, v_off, table, t_begin, t_end, nkv, g, d, bs, \
-                        scale, s, qf, m, l, acc, kv16);                                        \
+                        scale, s, qf, m, l, acc, kvb);                                         \
     }
-DECODE_PART_F32(kv32, 0)
-DECODE_PART_F32(kv16, 1)
+DECODE_PART_F32(kv32, 4)
+DECODE_PART_F32(kv16, 2)
+DECODE_PART_F32(kv8, 1)
 
 /* ---- both caches ---------------------------------------------------------------------- */
 
@@ -500,8 +572,8 @@ static void merge_parts(const float *state, int64_t part_stride, int parts, int 
 }
 
 /* Which q and cache a call has: bfloat16 both, float32 both, or float32 q over a bfloat16
- * cache. */
-enum { Q16_KV16, Q32_KV32, Q32_KV16 };
+ * or a float8 e4m3 cache. */
+enum { Q16_KV16, Q32_KV32, Q32_KV16, Q32_KV8 };
 
 /* q: [D, nkv * g, d] (bf16 for Q16_KV16, else float32), request r's heads at
  * q + r * q_stride elements, contiguous (query head j of kv head h is h * g + j, HF's
@@ -560,6 +632,10 @@ static int paged_decode(const void *q, int64_t q_stride, void *out, const void *
                 decode_part_f32_kv16((const float *)q + r * q_stride, layer_k, block_stride,
                                      v_off, table, t0, t1, nkv, g, d, bs, scale, s, qf, st,
                                      st + nh, st + 2 * nh);
+            else if (mode == Q32_KV8)
+                decode_part_f32_kv8((const float *)q + r * q_stride, layer_k, block_stride,
+                                     v_off, table, t0, t1, nkv, g, d, bs, scale, s, qf, st,
+                                     st + nh, st + 2 * nh);
             else
                 decode_part((const uint16_t *)q + r * q_stride, layer_k, block_stride, v_off,
                             table, t0, t1, nkv, g, d, bs, scale, s, qf,
@@ -603,8 +679,24 @@ int splitserve_paged_decode_f32_bf16kv(const float *q, int64_t q_stride, float *
                         seq_lens, D, nkv, g, d, bs, scale, num_threads, Q32_KV16);
 }
 
+/* float32 q and out over a float8 e4m3 cache (a float32 engine's `--kv-cache-dtype fp8`). */
+int splitserve_paged_decode_f32_fp8kv(const float *q, int64_t q_stride, float *out,
+                                      const uint8_t *layer_k, int64_t block_stride,
+                                      int64_t v_off, const int64_t *tables, int64_t max_blocks,
+                                      const int64_t *seq_lens, int D, int nkv, int g, int d,
+                                      int bs, float scale, int num_threads) {
+    return paged_decode(q, q_stride, out, layer_k, block_stride, v_off, tables, max_blocks,
+                        seq_lens, D, nkv, g, d, bs, scale, num_threads, Q32_KV8);
+}
+
 SPLITSERVE_BF16_PROBE(paged_decode)
 SPLITSERVE_F32_PROBE(paged_decode)
+
+/* out[i] = x[i] rounded to float8 e4m3 as a float8 cache stores it (fp8.h: saturated at
+ * +-448, then to nearest even), for tests against torch's rounding. */
+void splitserve_round_fp8_e4m3(const float *x, uint8_t *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = f32_to_fp8_e4m3(x[i]);
+}
 
 /* This step's k and v rows into the cache: token t's kv heads go to block slot_block[t],
  * row slot_offset[t] of the layer (layer_k: the layer's K of block 0; V is v_off further).

@@ -45,9 +45,10 @@ static inline __m512 round_bf16x16(__m512 v) {
 }
 #endif
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
-/* The float32 paths of the kernels (AVX2 + FMA: every x86-64 CPU since ~2013). */
+/* The float32 paths of the kernels (AVX2 + FMA, and F16C for a float8 cache: every x86-64
+ * CPU since ~2013). */
 #define SPLITSERVE_F32_SIMD 1
 
 /* e^x as exp_avx512, 8 lanes (x clamped to [-87, 88]; 2^n built in the exponent bits). */

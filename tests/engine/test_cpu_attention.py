@@ -1,5 +1,5 @@
 """The native CPU paged-decode kernels (bfloat16 cache: AVX512-BF16; float32 cache, and
-float32 q over a bfloat16 cache: AVX2) against float64 attention, and the `cpu` backend wired into the engine (decodes through the
+float32 q over a bfloat16 or float8 cache: AVX2) against float64 attention, and the `cpu` backend wired into the engine (decodes through the
 kernel, same tokens as `torch`)."""
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ KERNELS = {
     "bf16": (kernel, torch.bfloat16, 2e-2, 1.05),
     "f32": (native.load_paged_decode_f32(), torch.float32, 2e-6, 1.25),
     "f32-bf16kv": (native.load_paged_decode_f32_bf16kv(), torch.float32, 2e-6, 1.25),
+    "f32-fp8kv": (native.load_paged_decode_f32_fp8kv(), torch.float32, 2e-6, 1.25),
 }
 
 
@@ -287,7 +288,7 @@ def test_cpu_backend_engine_matches_torch_backend(kind):
     backend's, chunked prefill and concurrent decodes of different lengths included; all
     blocks come back."""
     dtype = native.dtype_name(kind[1])
-    kv_dtype = native.dtype_name(kind[0].KV_DTYPE)
+    kv_dtype = {"float8_e4m3fn": "fp8"}.get(*[native.dtype_name(kind[0].KV_DTYPE)] * 2)
     cfg = tiny_model_config(hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64,
                             intermediate_size=256)
     prompts = [[(7 * i + 3 * j) % 120 + 3 for j in range(n)] for i, n in enumerate((5, 40, 77))]

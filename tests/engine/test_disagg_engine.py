@@ -31,11 +31,11 @@ def drain(eng, rid):
     return toks
 
 
-@pytest.mark.parametrize("kv_dtype", ["auto", "bfloat16"])
+@pytest.mark.parametrize("kv_dtype", ["auto", "bfloat16", "fp8"])
 @pytest.mark.parametrize("pull_ok", [True, False])
 def test_handoff_matches_aggregated(pull_ok, kv_dtype):
-    """The handoff equals one engine's run (with a bfloat16 cache under the float32 model
-    too: the blocks move as they are, half the bytes)."""
+    """The handoff equals one engine's run (with a bfloat16 or float8 cache under the
+    float32 model too: the blocks move as they are, half or a quarter of the bytes)."""
     prompt = list(range(3, 30))
     ref = tiny_engine(CFG, kv_cache_dtype=kv_dtype).generate([prompt], GREEDY)[0]
     pre, dec = tiny_engine(CFG, kv_cache_dtype=kv_dtype), tiny_engine(CFG, kv_cache_dtype=kv_dtype)

@@ -22,7 +22,8 @@ NUM_BLOCKS = 40
 
 
 def block_pattern(block_id: int, dtype: Any, salt: int = 0):
-    """The bytes a test pool holds in block `block_id`: small integers, exact in bf16."""
+    """The bytes a test pool holds in block `block_id`: small integers, exact in bf16 (in
+    float8, rounded: still distinct blocks, the values below 16 exact)."""
     import torch
 
     n = 1

@@ -27,7 +27,7 @@ from tests.kv_transfer.peer import NUM_BLOCKS, PeerProcess, block_pattern
 pytestmark = pytest.mark.live
 
 KINDS = ["nixl", "grpc"]
-DTYPES = ["bfloat16", "float32"]
+DTYPES = ["bfloat16", "float32", "float8_e4m3fn"]  # float8: `--kv-cache-dtype fp8`
 # non-contiguous remote ids (with one contiguous run) into different, scattered local ids
 REMOTE_IDS = [3, 4, 5, 17, 9, 30, 31, 0, 39]
 LOCAL_IDS = [10, 11, 12, 2, 38, 20, 7, 25, 1]
