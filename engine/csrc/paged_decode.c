@@ -12,8 +12,9 @@
  * token in one pass over K (AVX512-BF16 dot products where the CPU has them; AVX2 FMAs for
  * a float32 cache), softmax over those scores in float32, then one pass over V accumulates
  * the weighted rows in float32, each kv head's rows read once for its whole group of query
- * heads. The bfloat16 entry point is used where the CPU has AVX512-BF16, the float32 one
- * where it has AVX2 and FMA (engine/native.py asks the probes at the end).
+ * heads. The bfloat16 entry point is used where the CPU has AVX512-BF16, the float32 ones
+ * (float32 q over a float32, bfloat16 or float8 e4m3 cache) where it has AVX2, FMA and
+ * F16C (engine/native.py asks the probes at the end).
  */
 #include <math.h>
 #include <stdint.h>
@@ -366,11 +367,14 @@ static inline __attribute__((always_inline)) void scores8_f32(
     }
 }
 
-/* scores8_f32 for G <= 3 query heads a kv head, 4 tokens at a time (all 4 rows inside the
- * block, the first m real): each K vector is widened once for every head of the group
- * (scores8_f32 widens it once a head), 4 x G accumulators in registers. Over a bfloat16 or
- * float8 cache that is about half the instructions; SmolLM2's cache (g = 3), 30 layers,
- * 2 threads, random block ids, on an AVX2 EPYC: see the README's *KV cache dtype*. */
+/* scores8_f32 over a bfloat16 or float8 cache for G <= 3 query heads a kv head, 4 tokens
+ * at a time (all 4 rows inside the block, the first m real): each K vector is widened once
+ * for every head of the group (scores8_f32 widens it once a head), 4 x G accumulators in
+ * registers, about half the instructions. SmolLM2's bfloat16 cache (g = 3), a step's 30
+ * layers, 2 threads, random block ids, old and new code interleaved in one process on an
+ * AVX2 EPYC (Zen 3), two runs: 64 requests x 600 tokens 0.88-0.94x the time, 8 x 1,500
+ * 0.86-0.92x, 1 x 576 0.96-0.98x. A float32 cache (nothing to widen) keeps scores8_f32:
+ * this measured 0.95-1.10x there. */
 static inline __attribute__((always_inline)) void scores4_f32(
     const void *k, int64_t tok, const float *q, const int G, int d, float *s, int64_t s_stride,
     int m, pf_cursor *pc, int share, const int kvb) {
@@ -479,7 +483,7 @@ static inline __attribute__((always_inline)) void decode_part_f32(
         const int64_t t0 = b * bs;
         const int n = (int)(len - t0 < bs ? len - t0 : bs);
 #if SPLITSERVE_F32_SIMD
-        if (d % 8 == 0 && bs % 8 == 0 && g <= 3) {
+        if (d % 8 == 0 && bs % 8 == 0 && g <= 3 && kvb < 4) {
             const int calls = (bs / 4) * nkv, k_share = (blk_lines + calls - 1) / calls;
             for (int tt = 0; tt < n; tt += 4)
                 for (int h = 0; h < nkv; h++) {
