@@ -655,43 +655,25 @@ static int paged_decode(const void *q, int64_t q_stride, void *out, const void *
     return failed ? -2 : 0;
 }
 
-int splitserve_paged_decode_bf16(const uint16_t *q, int64_t q_stride, uint16_t *out,
-                                 const uint16_t *layer_k, int64_t block_stride, int64_t v_off,
-                                 const int64_t *tables, int64_t max_blocks,
-                                 const int64_t *seq_lens, int D, int nkv, int g, int d, int bs,
-                                 float scale, int num_threads) {
-    return paged_decode(q, q_stride, out, layer_k, block_stride, v_off, tables, max_blocks,
-                        seq_lens, D, nkv, g, d, bs, scale, num_threads, Q16_KV16);
-}
-
-int splitserve_paged_decode_f32(const float *q, int64_t q_stride, float *out,
-                                const float *layer_k, int64_t block_stride, int64_t v_off,
-                                const int64_t *tables, int64_t max_blocks,
-                                const int64_t *seq_lens, int D, int nkv, int g, int d, int bs,
-                                float scale, int num_threads) {
-    return paged_decode(q, q_stride, out, layer_k, block_stride, v_off, tables, max_blocks,
-                        seq_lens, D, nkv, g, d, bs, scale, num_threads, Q32_KV32);
-}
-
-/* float32 q and out over a bfloat16 cache (a float32 engine's `--kv-cache-dtype bfloat16`). */
-int splitserve_paged_decode_f32_bf16kv(const float *q, int64_t q_stride, float *out,
-                                       const uint16_t *layer_k, int64_t block_stride,
-                                       int64_t v_off, const int64_t *tables, int64_t max_blocks,
-                                       const int64_t *seq_lens, int D, int nkv, int g, int d,
-                                       int bs, float scale, int num_threads) {
-    return paged_decode(q, q_stride, out, layer_k, block_stride, v_off, tables, max_blocks,
-                        seq_lens, D, nkv, g, d, bs, scale, num_threads, Q32_KV16);
-}
-
-/* float32 q and out over a float8 e4m3 cache (a float32 engine's `--kv-cache-dtype fp8`). */
-int splitserve_paged_decode_f32_fp8kv(const float *q, int64_t q_stride, float *out,
-                                      const uint8_t *layer_k, int64_t block_stride,
-                                      int64_t v_off, const int64_t *tables, int64_t max_blocks,
-                                      const int64_t *seq_lens, int D, int nkv, int g, int d,
-                                      int bs, float scale, int num_threads) {
-    return paged_decode(q, q_stride, out, layer_k, block_stride, v_off, tables, max_blocks,
-                        seq_lens, D, nkv, g, d, bs, scale, num_threads, Q32_KV8);
-}
+/* The entry points, one a (q, cache) pair: int splitserve_paged_decode_<name>(const QT *q,
+ * int64_t q_stride, QT *out, const KT *layer_k, int64_t block_stride, int64_t v_off,
+ * const int64_t *tables, int64_t max_blocks, const int64_t *seq_lens, int D, int nkv,
+ * int g, int d, int bs, float scale, int num_threads), as paged_decode above. */
+#define PAGED_DECODE_ENTRY(name, QT, KT, mode)                                                 \
+    int splitserve_paged_decode_##name(const QT *q, int64_t q_stride, QT *out,                 \
+                                       const KT *layer_k, int64_t block_stride, int64_t v_off, \
+                                       const int64_t *tables, int64_t max_blocks,              \
+                                       const int64_t *seq_lens, int D, int nkv, int g, int d,  \
+                                       int bs, float scale, int num_threads) {                 \
+        return paged_decode(q, q_stride, out, layer_k, block_stride, v_off, tables,            \
+                            max_blocks, seq_lens, D, nkv, g, d, bs, scale, num_threads, mode); \
+    }
+PAGED_DECODE_ENTRY(bf16, uint16_t, uint16_t, Q16_KV16)
+PAGED_DECODE_ENTRY(f32, float, float, Q32_KV32)
+/* float32 q and out over a bfloat16 cache (a float32 engine's `--kv-cache-dtype bfloat16`) */
+PAGED_DECODE_ENTRY(f32_bf16kv, float, uint16_t, Q32_KV16)
+/* ... and over a float8 e4m3 cache (`--kv-cache-dtype fp8`) */
+PAGED_DECODE_ENTRY(f32_fp8kv, float, uint8_t, Q32_KV8)
 
 SPLITSERVE_BF16_PROBE(paged_decode)
 SPLITSERVE_F32_PROBE(paged_decode)

@@ -214,9 +214,10 @@ def test_both_setups_take_the_kv_cache_dtype():
     from splitserve.bench.disagg import DisaggBenchConfig, serve_flags
 
     for name in ("aggregated", "disaggregated"):
-        flags = serve_flags(name, DisaggBenchConfig(kv_cache_dtype="bfloat16"))
-        assert flags[flags.index("--kv-cache-dtype") + 1] == "bfloat16"
+        for kv in ("bfloat16", "fp8"):
+            flags = serve_flags(name, DisaggBenchConfig(kv_cache_dtype=kv))
+            assert flags[flags.index("--kv-cache-dtype") + 1] == kv
         flags = serve_flags(name, DisaggBenchConfig())
         assert flags[flags.index("--kv-cache-dtype") + 1] == "auto"
     with pytest.raises(ValueError, match="kv_cache_dtype must be"):
-        DisaggBenchConfig(kv_cache_dtype="fp8")
+        DisaggBenchConfig(kv_cache_dtype="int8")
