@@ -43,8 +43,9 @@ def test_greedy_parity_batched_chunked_prefix_cached(parity_prompts, parity_refe
     assert not failures, "\n".join(failures)
 
 
-#: Settings that move the logits a little, each with why and what was measured, and the
-#: reference's largest top-2 margin at which a prompt may leave it.
+#: Settings that move the logits a little, each with why and what was measured, the
+#: reference's largest top-2 margin at which a prompt may leave it, and optionally how many
+#: of the 8 prompts may leave it (default: half).
 NEAR_EXACT = {
     # keys and values rounded to bfloat16 (2^-9 relative). Measured: 7 of the 8 prompts equal
     # for all 32 tokens, one leaving at token 30 for the runner-up, at a margin of 7e-3.
@@ -59,16 +60,19 @@ NEAR_EXACT = {
     "w4a8-bf16-kv-cache": ({"quantization": "w4a8", "kv_cache_dtype": "bfloat16"}, 0.35),
     # keys and values rounded to float8 e4m3 (2^-4 relative, no scale). Measured: 4 of 8
     # equal; four leave for the runner-up, at tokens 19, 13, 13 and 13, margins 0.024,
-    # 0.046, 0.21 and 0.14.
-    "fp8-kv-cache": ({"kv_cache_dtype": "fp8"}, 0.3),
+    # 0.046, 0.21 and 0.14. Half already: one more allowed, so that another CPU's summation
+    # order moving one more near-tie does not fail it (each departure is still checked).
+    "fp8-kv-cache": ({"kv_cache_dtype": "fp8"}, 0.3, 5),
 }
 
 
 @pytest.mark.parametrize("setting", NEAR_EXACT)
 def test_near_exact_settings_depart_only_at_near_ties(setting, parity_prompts, parity_reference):
     """Greedy tokens may leave the exact reference only where its top two are nearly tied
-    (the setting's margin), and then for its runner-up, on at most half the prompts."""
-    over, max_margin = NEAR_EXACT[setting]
+    (the setting's margin), and then for its runner-up, on at most half the prompts (or
+    the setting's count)."""
+    over, max_margin, *count = NEAR_EXACT[setting]
+    max_departures = count[0] if count else len(parity_prompts) // 2
     if "quantization" in over and native.load_quant_gemm_a8() is None:
         pytest.skip("the w4a8 kernel is not built here (no compiler or no AVX2/FMA/F16C)")
     eng, got = run_batched(parity_prompts, **over)
@@ -78,7 +82,7 @@ def test_near_exact_settings_depart_only_at_near_ties(setting, parity_prompts, p
     if "quantization" in over:
         assert eng.runner.model.weight_format == "w4a8"
     departures = first_mismatches(got, parity_reference)
-    assert len(departures) <= len(parity_prompts) // 2, explain_mismatches(got, parity_reference)
+    assert len(departures) <= max_departures, explain_mismatches(got, parity_reference)
     for i, j, ours, top2, margin in departures:
         assert top2 is not None and ours == top2[1] and margin < max_margin, \
             explain_mismatches(got, parity_reference)
