@@ -19,9 +19,9 @@ cached, loaded with ctypes.
 
 Lifecycle: loading a kernel hashes its source, the compiler flags and this CPU's model and
 feature flags (`-march=native` code runs only where it was built), looks for
-`~/.cache/splitserve/kernels/<name>-<hash>.so`, and otherwise compiles it there (to a
-temporary name, then renamed, so workers starting together never load a half-written
-file). No compiler, a failed build or a failed load gives None once, with a warning, and
+`~/.cache/splitserve/kernels/<name>-<hash>.so` (under `$XDG_CACHE_HOME` where set), and
+otherwise compiles it there (to a temporary name, then renamed, so workers starting
+together never load a half-written file). No compiler, a failed build or a failed load gives None once, with a warning, and
 callers keep their torch path. The libraries are plain C with OpenMP: no Python or torch
 headers, so any `cc` builds one in about a second, and they join the OpenMP runtime torch
 has already loaded (same soname) instead of starting a second thread pool.
@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from .cache_home import splitserve_cache
 from .kv_dtype import FP8, to_cache_dtype
 
 logger = logging.getLogger(__name__)
@@ -676,7 +677,7 @@ def _compiler() -> str | None:
 
 
 def cache_dir() -> Path:
-    return Path.home() / ".cache" / "splitserve" / "kernels"
+    return splitserve_cache("kernels")
 
 
 def build(source: Path, out_dir: Path, compiler: str) -> Path:

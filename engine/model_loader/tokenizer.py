@@ -5,8 +5,9 @@ transformers builds a GGUF file's tokenizer from the file's metadata through
 ~12 s for the default model's 49,152-token vocabulary and its merges on a 2-core CPU, paid
 by every process that serves or tokenizes. So the tokenizer transformers built is saved
 (`save_pretrained`: tokenizer.json, its config, the chat template) under
-`~/.cache/splitserve/tokenizers/`, keyed by the file's path, size and modification time and
-transformers' version, and later loads read that (~0.6 s once transformers is imported).
+`~/.cache/splitserve/tokenizers/` (under `$XDG_CACHE_HOME` where set), keyed by the file's
+path, size and modification time and transformers' version, and later loads read that
+(~0.6 s once transformers is imported).
 Where the cache cannot be written, every load builds from the file, as before.
 """
 
@@ -20,6 +21,7 @@ import pathlib
 import shutil
 import tempfile
 
+from splitserve.engine.cache_home import splitserve_cache
 from splitserve.engine.errors import ModelSpecError
 from splitserve.engine.model_loader.gguf_header import read_gguf_header
 from splitserve.engine.model_loader.source import ModelSource
@@ -55,7 +57,7 @@ def load_tokenizer(source: ModelSource):
 
 
 def tokenizer_cache_dir() -> pathlib.Path:
-    return pathlib.Path.home() / ".cache" / "splitserve" / "tokenizers"
+    return splitserve_cache("tokenizers")
 
 
 def _cache_entry(path: pathlib.Path) -> pathlib.Path:
