@@ -41,12 +41,11 @@ class Engine:
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         if model_config is None or state_dict is None:
-            from .model_loader import load_model_config, load_state_dict, resolve_model
+            from .model_loader import load_model, resolve_model
 
-            source = resolve_model(config.model)
-            model_config = load_model_config(source)
-            state_dict = load_state_dict(source, torch.float32, progress=config.progress,
-                                         keep_quantized=keep_quantized(config))
+            model_config, state_dict = load_model(resolve_model(config.model), torch.float32,
+                                                  progress=config.progress,
+                                                  keep_quantized=keep_quantized(config))
         self.model_config = model_config
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
         self.runner = ModelRunner(config, model_config, state_dict, self.max_model_len)

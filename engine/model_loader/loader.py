@@ -30,12 +30,22 @@ def load_state_dict(
 
     GGUF tensors are dequantized one at a time (peak memory: the result plus one tensor);
     `lm_head.weight` is present only when the embeddings are not tied. A tqdm bar over the
-    tensors is shown when `progress`. `keep_quantized`: a GGUF file's Q4_1 and Q8_0 matrices come back
-    as `engine.quant.Q4_1Weight` / `Q8_0Weight` instead of dequantized (ignored for HF
-    directories).
+    tensors is shown when `progress`. `keep_quantized`: a GGUF file's Q4_1 and Q8_0 matrices
+    come back as `engine.quant.Q4_1Weight` / `Q8_0Weight` instead of dequantized (ignored
+    for HF directories).
     """
-    if source.kind == "gguf":  # one parse of the header for the config and the tensor table
+    return load_model(source, dtype, progress, keep_quantized)[1]
+
+
+def load_model(
+    source: ModelSource, dtype: torch.dtype = torch.float32, progress: bool = True,
+    keep_quantized: bool = False,
+) -> tuple[ModelConfig, dict]:
+    """`load_model_config` and `load_state_dict` together, a GGUF file's header parsed once
+    for both."""
+    if source.kind == "gguf":
         header = read_gguf_header(source.path)
-        return state_dict_from_gguf(header, config_from_gguf(header), dtype, progress,
-                                    keep_quantized)
-    return state_dict_from_dir(source.path, load_model_config(source), dtype, progress)
+        cfg = config_from_gguf(header)
+        return cfg, state_dict_from_gguf(header, cfg, dtype, progress, keep_quantized)
+    cfg = config_from_dir(source.path)
+    return cfg, state_dict_from_dir(source.path, cfg, dtype, progress)

@@ -27,6 +27,7 @@ from splitserve.engine.model_loader import (  # noqa: E402
     ModelSource,
     default_model_path,
     expected_parameter_names,
+    load_model,
     load_model_config,
     load_state_dict,
     load_tokenizer,
@@ -258,6 +259,23 @@ def test_gguf_state_dict_equals_transformers(default_source, default_state_dict,
     assert torch.equal(theirs.pop("lm_head.weight"), theirs["model.embed_tokens.weight"])
     assert list(default_state_dict) == expected_parameter_names(cfg)
     _assert_same_tensors(default_state_dict, theirs)
+
+
+def test_load_model_is_config_and_weights_from_one_header_parse(default_source,
+                                                                 default_state_dict, monkeypatch):
+    """What an Engine loads: the same config and tensors as the two calls apart, the GGUF
+    header read once."""
+    from splitserve.engine.model_loader import loader
+
+    reads = []
+    real = loader.read_gguf_header
+    monkeypatch.setattr(loader, "read_gguf_header",
+                        lambda *a, **k: reads.append(a) or real(*a, **k))
+    cfg, sd = load_model(default_source, torch.float32, progress=False)
+    assert len(reads) == 1
+    assert cfg == load_model_config(default_source)
+    assert sd.keys() == default_state_dict.keys()
+    assert all(torch.equal(sd[n], default_state_dict[n]) for n in sd)
 
 
 def test_gguf_q_k_are_unpermuted(default_reader, default_state_dict):
