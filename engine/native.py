@@ -21,10 +21,11 @@ Lifecycle: loading a kernel hashes its source, the compiler flags and this CPU's
 feature flags (`-march=native` code runs only where it was built), looks for
 `~/.cache/splitserve/kernels/<name>-<hash>.so` (under `$XDG_CACHE_HOME` where set), and
 otherwise compiles it there (to a temporary name, then renamed, so workers starting
-together never load a half-written file). No compiler, a failed build or a failed load gives None once, with a warning, and
-callers keep their torch path. The libraries are plain C with OpenMP: no Python or torch
-headers, so any `cc` builds one in about a second, and they join the OpenMP runtime torch
-has already loaded (same soname) instead of starting a second thread pool.
+together never load a half-written file). No compiler, a failed build or a failed load
+gives None once, with a warning, and callers keep their torch path. The libraries are
+plain C with OpenMP: no Python or torch headers, so any `cc` builds one in about a
+second, and they join the OpenMP runtime torch has already loaded (same soname) instead of
+starting a second thread pool.
 """
 
 from __future__ import annotations

@@ -41,8 +41,9 @@ cache, and float32 versions of both for a float32 cache:
   0.50-0.57x on 2; 64 at 300 0.51-0.55x; 1 at 1,000 on 2 threads 0.66-0.75x. Its prefill
   chunks widen their blocks of the layer into a small float32 cache for the float32
   prefill kernel (the torch path, likewise, reads every key and value back from the
-  cache). Over either narrow cache the scores take 4 tokens x a group's heads at a time (g <= 3),
-  each K vector widened once for the group: 0.86-0.98x the time of widening it once a head;
+  cache). Over either narrow cache the scores take 4 tokens x a group's heads at a time
+  (g <= 3), each K vector widened once for the group: 0.86-0.98x the time of widening it
+  once a head;
 - float32 decodes over a float8 e4m3 cache (`--kv-cache-dtype fp8`): the same kernel
   reading each row widened through the half-precision convert (F16C), a quarter of the
   float32 cache's bytes; its prefill chunks widen their blocks as the bfloat16 cache's do.

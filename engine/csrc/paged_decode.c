@@ -490,9 +490,10 @@ static inline __attribute__((always_inline)) void decode_part_f32(
                     const void *kh = kv_at(k, tt * tok + h * d, kvb);
                     const float *qh = qf + (int64_t)h * g * d;
                     float *sh = s + (int64_t)h * g * len + t0 + tt;
-                    if (g == 1) scores4_f32(kh, tok, qh, 1, d, sh, len, n - tt, &pc, k_share, kvb);
-                    else if (g == 2) scores4_f32(kh, tok, qh, 2, d, sh, len, n - tt, &pc, k_share, kvb);
-                    else scores4_f32(kh, tok, qh, 3, d, sh, len, n - tt, &pc, k_share, kvb);
+                    const int m = n - tt;
+                    if (g == 1) scores4_f32(kh, tok, qh, 1, d, sh, len, m, &pc, k_share, kvb);
+                    else if (g == 2) scores4_f32(kh, tok, qh, 2, d, sh, len, m, &pc, k_share, kvb);
+                    else scores4_f32(kh, tok, qh, 3, d, sh, len, m, &pc, k_share, kvb);
                 }
             continue;
         }

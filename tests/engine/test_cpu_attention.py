@@ -1,6 +1,6 @@
 """The native CPU paged-decode kernels (bfloat16 cache: AVX512-BF16; float32 cache, and
-float32 q over a bfloat16 or float8 cache: AVX2) against float64 attention, and the `cpu` backend wired into the engine (decodes through the
-kernel, same tokens as `torch`)."""
+float32 q over a bfloat16 or float8 cache: AVX2) against float64 attention, and the `cpu`
+backend wired into the engine (decodes through the kernel, same tokens as `torch`)."""
 
 from __future__ import annotations
 
