@@ -79,10 +79,12 @@ class CpuAttentionBackend(TorchAttentionBackend):
         """dtype: the model's (q's); None: the cache's. A float32 model over a bfloat16 or
         float8 cache (`--kv-cache-dtype bfloat16 / fp8`) decodes with float32 q over it."""
         f32 = dtype == torch.float32
-        bf16_cache = load_paged_decode_f32_bf16kv if f32 else load_paged_decode
+        decode = {torch.bfloat16: load_paged_decode_f32_bf16kv if f32 else load_paged_decode,
+                  torch.float32: load_paged_decode_f32}
+        if f32:
+            decode[FP8] = load_paged_decode_f32_fp8kv
         #: The paged-decode kernel for each cache dtype it is built for here.
-        self.kernels = _built({torch.bfloat16: bf16_cache, torch.float32: load_paged_decode_f32,
-                               **({FP8: load_paged_decode_f32_fp8kv} if f32 else {})})
+        self.kernels = _built(decode)
         #: The paged-prefill kernel likewise.
         self.prefill_kernels = _built({torch.bfloat16: load_paged_prefill,
                                        torch.float32: load_paged_prefill_f32})

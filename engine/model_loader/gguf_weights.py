@@ -255,8 +255,8 @@ def tensor_arrays(header: GgufHeader):
     block * block_bytes] uint8, what `gguf.quants.dequantize` takes). `GGUFReader` would
     first build a numpy view for every element of every metadata array (seconds on the
     default model's vocabulary: building its engine took 5.7-7.7 s with it, 1.0-1.9 s
-    without); the tensor table `read_gguf_header` parsed is all this needs. Raises ModelSpecError for an unknown type or data past the file's
-    end."""
+    without); the tensor table `read_gguf_header` parsed is all this needs. Raises
+    ModelSpecError for an unknown type or data past the file's end."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import quant_shape_to_byte_shape
 

@@ -7,8 +7,8 @@ by every process that serves or tokenizes. So the tokenizer transformers built i
 (`save_pretrained`: tokenizer.json, its config, the chat template) under
 `~/.cache/splitserve/tokenizers/` (under `$XDG_CACHE_HOME` where set), keyed by the file's
 path, size and modification time and transformers' version, and later loads read that
-(~0.6 s once transformers is imported).
-Where the cache cannot be written, every load builds from the file, as before.
+(~0.6 s once transformers is imported). Where the cache cannot be written, every load
+builds from the file, as before.
 """
 
 from __future__ import annotations

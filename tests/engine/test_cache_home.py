@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from splitserve.engine import native
 from splitserve.engine.cache_home import splitserve_cache
 from splitserve.engine.model_loader import tokenizer
@@ -15,12 +17,12 @@ def test_xdg_cache_home_moves_both_caches(monkeypatch, tmp_path):
     assert tokenizer.tokenizer_cache_dir() == tmp_path / "splitserve" / "tokenizers"
 
 
-def test_unset_or_empty_means_the_home_cache(monkeypatch, tmp_path):
+@pytest.mark.parametrize("value", [None, ""])
+def test_unset_or_empty_means_the_home_cache(monkeypatch, tmp_path, value):
     monkeypatch.setattr(Path, "home", classmethod(lambda cls: tmp_path))
-    for value in (None, ""):
-        if value is None:
-            monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-        else:
-            monkeypatch.setenv("XDG_CACHE_HOME", value)
-        assert splitserve_cache("kernels") == tmp_path / ".cache" / "splitserve" / "kernels"
-        assert native.cache_dir() == tmp_path / ".cache" / "splitserve" / "kernels"
+    if value is None:
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    else:
+        monkeypatch.setenv("XDG_CACHE_HOME", value)
+    assert splitserve_cache("kernels") == tmp_path / ".cache" / "splitserve" / "kernels"
+    assert native.cache_dir() == tmp_path / ".cache" / "splitserve" / "kernels"

@@ -288,7 +288,8 @@ def test_cpu_backend_engine_matches_torch_backend(kind):
     backend's, chunked prefill and concurrent decodes of different lengths included; all
     blocks come back."""
     dtype = native.dtype_name(kind[1])
-    kv_dtype = {"float8_e4m3fn": "fp8"}.get(*[native.dtype_name(kind[0].KV_DTYPE)] * 2)
+    kv_dtype = native.dtype_name(kind[0].KV_DTYPE)
+    kv_dtype = "fp8" if kv_dtype == "float8_e4m3fn" else kv_dtype  # the flag's name
     cfg = tiny_model_config(hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64,
                             intermediate_size=256)
     prompts = [[(7 * i + 3 * j) % 120 + 3 for j in range(n)] for i, n in enumerate((5, 40, 77))]
