@@ -31,7 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--output-len", type=int, default=None)
     p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="engine weights: auto keeps the GGUF's Q4_1 4-bit on CPU for decode; "
-                        "w4a8 runs every Q4_1 GEMM with int8 inputs (float32, not exact)")
+                        "w4a8 runs every Q4_1 GEMM with int8 inputs (as llama.cpp does; "
+                        "not exact)")
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--skip-hf", action="store_true", help="engine figures only")

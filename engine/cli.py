@@ -45,7 +45,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="auto: keep a GGUF file's Q4_1 weights 4-bit on CPU too (a 4-bit "
                         "kernel for decode); none: dequantize every weight to --dtype; w4a8 "
-                        "(float32 on CPU): every Q4_1 GEMM against inputs rounded to int8 per "
+                        "(CPU): every Q4_1 GEMM against inputs rounded to int8 per "
                         "group of 32, as llama.cpp does: faster, not exact")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads for this engine")
 

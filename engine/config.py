@@ -102,9 +102,10 @@ class EngineConfig:
     #: auto (on CPU, where our kernel for the dtype runs -- bfloat16 with AVX512-BF16, float32
     #: with AVX2 -- also keep a GGUF file's Q4_1/Q8_0 weights quantized and run small steps
     #: with it, engine/quant.py: faster decode, more memory) | none (dequantize every weight
-    #: to dtype only) | q4_1 (the 4-bit copy in any CPU dtype) | w4a8 (float32 on an AVX2
-    #: CPU: every GEMM on a Q4_1 weight, any batch, runs 4-bit weights against inputs
-    #: quantized to int8 per group of 32, as llama.cpp does; no dense copy; not exact).
+    #: to dtype only) | q4_1 (the 4-bit copy in any CPU dtype) | w4a8 (float32 or bfloat16
+    #: on an AVX2 CPU: every GEMM on a Q4_1 weight, any batch, runs 4-bit weights against
+    #: inputs quantized to int8 per group of 32, as llama.cpp does, with AVX512-VNNI's
+    #: integer dot products where the CPU has them; no dense copy; not exact).
     quantization: str = "auto"
     #: torch intra-op threads for this engine; None leaves torch's default.
     num_threads: int | None = None

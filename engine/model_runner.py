@@ -12,7 +12,7 @@ from .attention import build_metadata, get_backend
 from .config import EngineConfig, ModelConfig
 from .hugepages import zeros_huge
 from .kv_dtype import FP8
-from .native import dtype_name, load_quant_gemm_a8
+from .native import dtype_name
 from .models import LlamaForCausalLM
 from .outputs import TokenLogprob
 from .sampler import Sampler
@@ -100,10 +100,12 @@ def check_w4a8(device: torch.device, dtype: torch.dtype | None) -> None:
     """Raise ValueError (one line naming the flag) where `--quantization w4a8` cannot run."""
     if device.type != "cpu":
         raise ValueError("--quantization w4a8 runs on CPU only (on GPU use auto)")
-    if dtype != torch.float32:
-        raise ValueError(f"--quantization w4a8 runs a float32 model, not {dtype_name(dtype)}: "
-                         "add --dtype float32")
-    if load_quant_gemm_a8() is None:
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"--quantization w4a8 runs a float32 or bfloat16 model, not "
+                         f"{dtype_name(dtype)}")
+    from .quant import a8_kernel
+
+    if a8_kernel(dtype) is None:
         raise ValueError("--quantization w4a8 needs its AVX2/FMA/F16C kernel "
                          "(engine/csrc/quant_gemm_f32.c), which did not build or run here")
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from .native import fn_address, load_quant_gemm, load_quant_gemm_f32
+from .native import (fn_address, load_quant_gemm, load_quant_gemm_a8, load_quant_gemm_a8_bf16,
+                     load_quant_gemm_f32)
 
 #: Weights per block, in both formats (ggml's QK4_1 and QK8_0).
 GROUP = 32
@@ -148,6 +149,13 @@ def native_kernel(dtype: torch.dtype | None):
     if dtype == torch.float32:
         return load_quant_gemm_f32()
     return None
+
+
+def a8_kernel(dtype: torch.dtype | None):
+    """The w4a8 kernel (Q4_1 against int8-rounded inputs) for a model in `dtype` that runs
+    here, or None."""
+    loader = {torch.float32: load_quant_gemm_a8, torch.bfloat16: load_quant_gemm_a8_bf16}
+    return loader[dtype]() if dtype in loader else None
 
 
 class QuantLinear:

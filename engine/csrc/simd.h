@@ -99,6 +99,46 @@ static inline void store_rows8_f32(float *y, int64_t ldy, int64_t row0, int64_t 
     }
 }
 
+/* 8 float32 → 8 bfloat16, rounded to nearest even as torch rounds (a NaN stays a NaN;
+ * VCVTNEPS2BF16, where the CPU has it, also flushes subnormals to zero, as the bfloat16
+ * kernels' store_bf16x16 does). */
+static inline __m128i f32x8_to_bf16(__m256 v) {
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+    return (__m128i)_mm256_cvtneps_pbh(v);
+#else
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+    r = _mm256_srli_epi32(r, 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+#endif
+}
+
+/* store_rows8_f32 for a bfloat16 y: each output (plus its float32 bias) rounded once. */
+static inline void store_rows8_bf16(uint16_t *y, int64_t ldy, int64_t row0, int64_t n0,
+                                    int64_t nn, const __m256 *acc, int mrows,
+                                    const float *bias) {
+    __m256 b = _mm256_setzero_ps();
+    if (bias) {
+        float bb[8] = {0};
+        for (int64_t n = 0; n < nn; n++) bb[n] = bias[n0 + n];
+        b = _mm256_loadu_ps(bb);
+    }
+    for (int r = 0; r < mrows; r++) {
+        uint16_t *yr = y + (row0 + r) * ldy + n0;
+        const __m128i h = f32x8_to_bf16(_mm256_add_ps(acc[r], b));
+        if (nn == 8) {
+            _mm_storeu_si128((__m128i *)yr, h);
+            continue;
+        }
+        uint16_t out[8];
+        _mm_storeu_si128((__m128i *)out, h);
+        for (int64_t n = 0; n < nn; n++) yr[n] = out[n];
+    }
+}
+
 /* What fills a chunk of at most 32 rows' accumulators for one or two (nt) adjacent tiles of
  * 8 outputs, from their packed weights tp0 and tp1 (tp1 == tp0 for one tile): the float32
  * and the w4a8 halves of quant_gemm_f32.c. */
@@ -109,8 +149,10 @@ typedef void (*tile_rows_fn)(const void *ctx, int64_t m0, const uint8_t *tp0,
  * gemm_tile_pairs, every row, in chunks of 32 rows filled by `rows`; streamed (see below)
  * when `stream`. */
 static inline void tile_pair(int64_t pr, int64_t M, int64_t N, int64_t groups,
-                             int64_t group_bytes, const uint8_t *wp, const float *bias, float *y,
-                             int64_t ldy, int stream, tile_rows_fn rows, const void *ctx) {
+                             int64_t group_bytes, const uint8_t *wp, const float *bias, void *yv,
+                             int ybf16, int64_t ldy, int stream, tile_rows_fn rows,
+                             const void *ctx) {
+    float *y = (float *)yv;
     const int64_t tiles = (N + 7) / 8, t0 = 2 * pr;
     const int nt = t0 + 1 < tiles ? 2 : 1;
     const uint8_t *w0 = wp + t0 * groups * group_bytes;
@@ -118,6 +160,14 @@ static inline void tile_pair(int64_t pr, int64_t M, int64_t N, int64_t groups,
     for (int64_t m0 = 0; m0 < M; m0 += 32) {
         const int mrows = (int)(M - m0 < 32 ? M - m0 : 32);
         rows(ctx, m0, w0, w0 + (nt - 1) * groups * group_bytes, acc[0], acc[1], mrows, nt);
+        if (ybf16) {
+            for (int t = 0; t < nt; t++) {
+                const int64_t n0 = (t0 + t) * 8;
+                store_rows8_bf16((uint16_t *)yv, ldy, m0, n0, N - n0 < 8 ? N - n0 : 8, acc[t],
+                                 mrows, bias);
+            }
+            continue;
+        }
         float *y0 = y + m0 * ldy + t0 * 8;
         if (stream && nt == 2 && t0 * 8 + 16 <= N && ((uintptr_t)y0 & 63) == 0) {
             for (int r = 0; r < mrows; r++) { /* the pair's 16 outputs: one cache line */
@@ -133,7 +183,7 @@ static inline void tile_pair(int64_t pr, int64_t M, int64_t N, int64_t groups,
     }
 }
 
-/* y [M, N] (+ bias) of the float32 quantized GEMMs: tiles of 8 outputs, each `group_bytes`
+/* y [M, N] (+ bias) of the float32 quantized GEMMs (bfloat16 y when `ybf16`): tiles of 8 outputs, each `group_bytes`
  * a group for `groups` groups, taken two adjacent tiles at a time (so two tiles share each
  * load of x) and split over OpenMP threads.
  * Prefill-sized calls (256 rows or more) hand the pairs out 2 at a time, so a thread the
@@ -143,21 +193,22 @@ static inline void tile_pair(int64_t pr, int64_t M, int64_t N, int64_t groups,
  * caches before anything reads them (~3.5 % more). Smaller calls (decode: tens of
  * microseconds each, ~120 a step) keep one even share a thread and one barrier. */
 static inline void gemm_tile_pairs(int64_t M, int64_t N, int64_t groups, int64_t group_bytes,
-                                   const uint8_t *wp, const float *bias, float *y, int64_t ldy,
-                                   int num_threads, tile_rows_fn rows, const void *ctx) {
+                                   const uint8_t *wp, const float *bias, void *y, int ybf16,
+                                   int64_t ldy, int num_threads, tile_rows_fn rows,
+                                   const void *ctx) {
     const int64_t pairs = ((N + 7) / 8 + 1) / 2;
     if (M < 256) {
 #pragma omp parallel for num_threads(num_threads) if (num_threads > 1 && pairs > 1) schedule(static)
         for (int64_t pr = 0; pr < pairs; pr++)
-            tile_pair(pr, M, N, groups, group_bytes, wp, bias, y, ldy, 0, rows, ctx);
+            tile_pair(pr, M, N, groups, group_bytes, wp, bias, y, ybf16, ldy, 0, rows, ctx);
         return;
     }
-    const int stream = !bias && M * N >= (1 << 20) && ldy % 16 == 0;
+    const int stream = !ybf16 && !bias && M * N >= (1 << 20) && ldy % 16 == 0;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && pairs > 1)
     {
 #pragma omp for schedule(dynamic, 2) nowait
         for (int64_t pr = 0; pr < pairs; pr++)
-            tile_pair(pr, M, N, groups, group_bytes, wp, bias, y, ldy, stream, rows, ctx);
+            tile_pair(pr, M, N, groups, group_bytes, wp, bias, y, ybf16, ldy, stream, rows, ctx);
         if (stream) _mm_sfence(); /* this thread's streamed lines, visible past the barrier */
     }
 }

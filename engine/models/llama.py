@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from ..attention.base import AttentionBackend, AttentionMetadata
 from ..config import ModelConfig
 from ..native import (PreparedDecode, load_layer_ops, load_layer_ops_f32, load_layer_stack,
-                      load_quant_gemm_a8, load_small_gemm)
-from ..quant import Q4_1Weight, Q8_0Weight, QuantLinear
+                      load_small_gemm)
+from ..quant import Q4_1Weight, Q8_0Weight, QuantLinear, a8_kernel
 from .rope import RotaryEmbedding
 
 
@@ -83,8 +83,8 @@ class _Layer:
 class LlamaForCausalLM:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                  max_positions: int, int8_activations: bool = False) -> None:
-        """int8_activations (`--quantization w4a8`, float32 on CPU): every Q4_1 projection
-        runs the int8-activation kernel at any batch, with no dense copy."""
+        """int8_activations (`--quantization w4a8`, float32 or bfloat16 on CPU): every Q4_1
+        projection runs the int8-activation kernel at any batch, with no dense copy."""
         self.cfg = cfg
         self.dtype = dtype
         self.device = device
@@ -134,7 +134,7 @@ class LlamaForCausalLM:
             if self.int8_activations and all(isinstance(p, Q4_1Weight) for p in parts):
                 self.weight_format = "w4a8"
                 return QuantLinear(Q4_1Weight.cat(parts), bias, self.dtype,
-                                   native=load_quant_gemm_a8())
+                                   native=a8_kernel(self.dtype))
             dense = Linear(torch.cat([take(n) for n in names]).contiguous(), bias)
             return quantized(parts, bias, dense)
 

@@ -1,10 +1,14 @@
-"""The w4a8 kernel (in engine/csrc/quant_gemm_f32.c, AVX2): Q4_1 weights against float32 inputs
-quantized to int8 per group of 32 inside the call. Checked against a float64 model of the
-same arithmetic (tight: only float32 summation order differs), against the exact GEMM
-(loose: the inputs' rounding), and the `--quantization w4a8` setting's refusals. Its
-effect on the real model's tokens: test_parity_smollm2.py."""
+"""The w4a8 kernel (in engine/csrc/quant_gemm_f32.c, AVX2, AVX512-VNNI where built with it):
+Q4_1 weights against float32 (or bfloat16) inputs quantized to int8 per group of 32 inside
+the call. Checked against a float64 model of the same arithmetic (tight: only float32
+summation order differs), against the exact GEMM (loose: the inputs' rounding), the
+bfloat16 entry against the float32 one, an AVX2-only build against this machine's, and the
+`--quantization w4a8` setting's refusals. Its effect on the real model's tokens:
+test_parity_smollm2.py."""
 
 from __future__ import annotations
+
+import ctypes
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from splitserve.engine.quant import GROUP, QuantLinear
 from .test_quant_gemm import f32, random_q4, random_q8
 
 gemm = native.load_quant_gemm_a8()
+gemm_bf16 = native.load_quant_gemm_a8_bf16()
 needs_kernel = pytest.mark.skipif(gemm is None, reason="kernel not built here (no compiler "
                                   "or no AVX2/FMA/F16C)")
 
@@ -97,6 +102,49 @@ def test_a8_gemm_prefill_sized_output_equals_the_same_rows_in_slices():
 
 
 @needs_kernel
+@pytest.mark.parametrize("m,n,k,bias", [(1, 960, 576, False), (5, 40, 96, True),
+                                        (33, 17, 608, True), (300, 528, 64, False)])
+def test_bf16_entry_is_the_float32_one_rounded_once(m, n, k, bias):
+    """bfloat16 x widens exactly, so the bfloat16 entry's outputs are the float32 entry's on
+    x.float() (bias added in float32) rounded to nearest even, bit for bit: one row, odd
+    tile counts, a partial last tile, a prefill-sized call (its dynamic schedule)."""
+    w = random_q4(n, k, seed=n + k + 1)
+    x = f32(m, k, seed=m + 1).to(torch.bfloat16)
+    b = f32(n, seed=3).to(torch.bfloat16) if bias else None
+    packed = gemm_bf16.pack(w)
+    got = gemm_bf16(x, packed, b, num_threads=2)
+    want = gemm(x.float(), packed, None if b is None else b.float(), num_threads=2)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    assert torch.equal(got, want.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="bfloat16 rows"):
+        gemm_bf16(x.float(), packed)
+
+
+@needs_kernel
+def test_avx2_build_equals_this_machines_build(tmp_path, monkeypatch):
+    """Where the CPU has AVX512-VNNI the integer dot products are one VPDPBUSD per 4 inputs
+    instead of VPMADDUBSW + VPADDW (int16 pair sums) + VPMADDWD: the same integers, so an
+    AVX2-only build (x86-64-v3) gives the same bytes. Elsewhere both builds are AVX2."""
+    compiler = native._compiler()
+    if compiler is None or native.platform.machine() != "x86_64":
+        pytest.skip("needs a C compiler on x86-64")
+    monkeypatch.setattr(native, "CFLAGS", ("-O3", "-march=x86-64-v3", "-fopenmp", "-shared",
+                                           "-fPIC"))
+    lib = ctypes.CDLL(str(native.build(native.CSRC / "quant_gemm_f32.c", tmp_path, compiler)))
+    avx2 = native.QuantGemmA8(lib)
+    w = random_q4(200, 608, seed=21)
+    packed = gemm.pack(w)
+    avx2_bf16 = native.QuantGemmA8BF16(lib)
+    for m in (1, 3, 16, 41):  # one row, a few, blocks of 8 / pairs of rows, an odd last row
+        x = f32(m, 608, seed=m + 20)
+        assert torch.equal(avx2(x, packed, num_threads=2), gemm(x, packed, num_threads=2))
+        # the AVX2 build's own rounding to bfloat16 (no VCVTNEPS2BF16) against this one's
+        xb = x.to(torch.bfloat16)
+        assert torch.equal(avx2_bf16(xb, packed, num_threads=2),
+                           gemm_bf16(xb, packed, num_threads=2))
+
+
+@needs_kernel
 def test_a8_gemm_rejects_bad_input():
     w = random_q4(16, 64, seed=0)
     packed = gemm.pack(w)
@@ -121,17 +169,16 @@ def test_quant_linear_with_the_a8_kernel_takes_every_batch():
 
 def test_w4a8_setting_refuses_what_it_cannot_run():
     cpu = torch.device("cpu")
-    with pytest.raises(ValueError, match="w4a8 runs a float32 model, not bfloat16"):
-        check_w4a8(cpu, torch.bfloat16)
+    with pytest.raises(ValueError, match="w4a8 runs a float32 or bfloat16 model, not float16"):
+        check_w4a8(cpu, torch.float16)
     with pytest.raises(ValueError, match="w4a8 runs on CPU only"):
         check_w4a8(torch.device("cuda"), None)
-    with pytest.raises(ValueError, match="w4a8 runs a float32 model"):
-        keep_quantized(EngineConfig(dtype="bfloat16", device="cpu", quantization="w4a8"))
     if gemm is None:
         with pytest.raises(ValueError, match="needs its AVX2/FMA/F16C kernel"):
             check_w4a8(cpu, torch.float32)
     else:
-        assert keep_quantized(EngineConfig(dtype="float32", device="cpu", quantization="w4a8"))
+        for dtype in ("float32", "bfloat16"):
+            assert keep_quantized(EngineConfig(dtype=dtype, device="cpu", quantization="w4a8"))
 
 
 @needs_kernel
