@@ -448,19 +448,21 @@ typedef struct {
     __m256 dm[A8_CHUNK][2][2]; /* [group][d, m][tile] */
 } a8_chunk;
 
-static void unpack_a8(const uint8_t *tp0, const uint8_t *tp1, int64_t g0, int gn, a8_chunk *u) {
+/* Groups g0 .. g0 + gn of both tiles → w[g], dm[g] (g from 0). */
+static void unpack_a8(const uint8_t *tp0, const uint8_t *tp1, int64_t g0, int64_t gn,
+                      __m256i (*w)[8][2], __m256 (*dm)[2][2]) {
     const __m256i low = _mm256_set1_epi8(0x0F);
-    for (int g = 0; g < gn; g++) {
+    for (int64_t g = 0; g < gn; g++) {
         prefetch_ahead(tp0 + (g0 + g) * Q4_BYTES, tp1 + (g0 + g) * Q4_BYTES, Q4_BYTES);
         for (int t = 0; t < 2; t++) {
             const uint8_t *blk = (t ? tp1 : tp0) + (g0 + g) * Q4_BYTES;
             for (int c = 0; c < GROUP / 8; c++) {
                 const __m256i p = _mm256_loadu_si256((const __m256i *)(blk + 32 * c));
-                u->w[g][2 * c][t] = _mm256_and_si256(p, low);
-                u->w[g][2 * c + 1][t] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+                w[g][2 * c][t] = _mm256_and_si256(p, low);
+                w[g][2 * c + 1][t] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
             }
-            u->dm[g][0][t] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 128)));
-            u->dm[g][1][t] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 144)));
+            dm[g][0][t] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 128)));
+            dm[g][1][t] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 144)));
         }
     }
 }
@@ -510,23 +512,23 @@ static inline __attribute__((always_inline)) void rows2_a8(const int8_t *x0, con
  * AMD EPYC (Zen 4), 2 threads, SmolLM2's projections at 16-512 rows: ~0.6x the time of
  * the AVX2 code (rows2_a8) built for the same CPU. */
 static inline void rows8_a8_512(const int8_t *xb, const float *dxb, const float *sxb,
-                                const a8_chunk *u, int gn, __m256 *acc0, __m256 *acc1) {
+                                const __m256i (*uw)[8][2], const __m256 (*udm)[2][2],
+                                int64_t groups, __m256 *acc) {
     __m512 a[8];
-    for (int r = 0; r < 8; r++)
-        a[r] = _mm512_insertf32x8(_mm512_castps256_ps512(acc0[r]), acc1[r], 1);
-    for (int g = 0; g < gn; g++) {
+    for (int r = 0; r < 8; r++) a[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
         __m512i s[8];
         for (int r = 0; r < 8; r++) s[r] = _mm512_setzero_si512();
         const int8_t *xg = xb + g * 256;
 #pragma GCC unroll 8
         for (int j = 0; j < 8; j++) {
-            const __m512i w = _mm512_load_si512((const void *)u->w[g][j]);
+            const __m512i w = _mm512_load_si512((const void *)uw[g][j]);
             for (int r = 0; r < 8; r++)
                 s[r] = _mm512_dpbusd_epi32(s[r], w,
                                            _mm512_set1_epi32(four_inputs(xg + 32 * j + 4 * r)));
         }
-        const __m512 d = _mm512_load_ps((const void *)u->dm[g][0]);
-        const __m512 m = _mm512_load_ps((const void *)u->dm[g][1]);
+        const __m512 d = _mm512_load_ps((const void *)udm[g][0]);
+        const __m512 m = _mm512_load_ps((const void *)udm[g][1]);
         for (int r = 0; r < 8; r++) {
             const __m512 dxr = _mm512_set1_ps(dxb[g * 8 + r]);
             const __m512 sxr = _mm512_set1_ps(sxb[g * 8 + r]);
@@ -534,10 +536,7 @@ static inline void rows8_a8_512(const int8_t *xb, const float *dxb, const float 
                                                            _mm512_mul_ps(d, dxr), a[r]));
         }
     }
-    for (int r = 0; r < 8; r++) {
-        acc0[r] = _mm512_castps512_ps256(a[r]);
-        acc1[r] = _mm512_extractf32x8_ps(a[r], 1);
-    }
+    for (int r = 0; r < 8; r++) _mm512_storeu_ps((float *)(acc + 2 * r), a[r]);
 }
 
 #endif
@@ -551,7 +550,7 @@ static __attribute__((noinline)) void tile_rows_a8_pairs(const int8_t *xq, const
     a8_chunk u __attribute__((aligned(64)));
     for (int64_t g0 = 0; g0 < groups; g0 += A8_CHUNK) {
         const int gn = (int)(groups - g0 < A8_CHUNK ? groups - g0 : A8_CHUNK);
-        unpack_a8(tp0, tp1, g0, gn, &u);
+        unpack_a8(tp0, tp1, g0, gn, u.w, u.dm);
         for (int r = 0; r < mrows; r += 2) {
             const int r1 = r + 1 < mrows ? r + 1 : r; /* an odd last row: computed twice */
             __m256 a[2][2] = {{acc0[r], acc1[r]}, {acc0[r1], acc1[r1]}};
@@ -564,20 +563,44 @@ static __attribute__((noinline)) void tile_rows_a8_pairs(const int8_t *xq, const
 }
 
 #if A8_VNNI512
+/* The calling thread's unpacked copy of one tile pair's weights over the whole K (640 bytes
+ * a group), and what it holds: the GEMM call (a8_calls when it began) and the pair. The
+ * rows of a pair come in chunks of 32 (tile_pair), all on one thread: unpacked once a pair
+ * instead of once a chunk (for a 2,048-row prefill, 64 times). */
+static uint64_t a8_calls;
+static __thread uint8_t *a8_unpacked;
+static __thread int64_t a8_unpacked_groups;
+static __thread uint64_t a8_unpacked_call;
+static __thread const uint8_t *a8_unpacked_pair;
+
 /* tile_rows_a8_pairs with VNNI: blocks of 8 rows of the interleaved x (padded rows
- * computed, not stored). */
-static __attribute__((noinline)) void tile_rows_a8_512(const int8_t *qxi, const float *dxi,
-                                                        const float *sxi, int64_t groups,
-                                                        const uint8_t *tp0, const uint8_t *tp1,
-                                                        __m256 *acc0, __m256 *acc1, int mrows) {
-    a8_chunk u __attribute__((aligned(64)));
-    for (int64_t g0 = 0; g0 < groups; g0 += A8_CHUNK) {
-        const int gn = (int)(groups - g0 < A8_CHUNK ? groups - g0 : A8_CHUNK);
-        unpack_a8(tp0, tp1, g0, gn, &u);
-        for (int b = 0; b < (mrows + 7) / 8; b++)
-            rows8_a8_512(qxi + (b * groups + g0) * 256, dxi + (b * groups + g0) * 8,
-                         sxi + (b * groups + g0) * 8, &u, gn, acc0 + 8 * b, acc1 + 8 * b);
+ * computed, not stored), each over the whole K with its sums in registers. Returns 0, or
+ * -2 out of memory. */
+static __attribute__((noinline)) int tile_rows_a8_512(const int8_t *qxi, const float *dxi,
+                                                       const float *sxi, int64_t groups,
+                                                       const uint8_t *tp0, const uint8_t *tp1,
+                                                       __m256 *acc0, __m256 *acc1, int mrows,
+                                                       uint64_t call) {
+    if (groups > a8_unpacked_groups) {
+        free(a8_unpacked);
+        a8_unpacked = (uint8_t *)aligned_alloc(64, (size_t)groups * 640);
+        a8_unpacked_groups = a8_unpacked ? groups : 0;
+        a8_unpacked_pair = NULL;
+        if (!a8_unpacked) return -2;
     }
+    __m256i(*w)[8][2] = (__m256i(*)[8][2])(void *)a8_unpacked;
+    __m256(*dm)[2][2] = (__m256(*)[2][2])(void *)(a8_unpacked + groups * 512);
+    if (a8_unpacked_call != call || a8_unpacked_pair != tp0) {
+        unpack_a8(tp0, tp1, 0, groups, w, dm);
+        a8_unpacked_call = call, a8_unpacked_pair = tp0;
+    }
+    __m256 out[16];
+    for (int b = 0; b < (mrows + 7) / 8; b++) {
+        rows8_a8_512(qxi + b * groups * 256, dxi + b * groups * 8, sxi + b * groups * 8,
+                     (const __m256i(*)[8][2])w, (const __m256(*)[2][2])dm, groups, out);
+        for (int r = 0; r < 8; r++) acc0[8 * b + r] = out[2 * r], acc1[8 * b + r] = out[2 * r + 1];
+    }
+    return 0;
 }
 #endif
 
@@ -619,6 +642,8 @@ struct a8_rows {
     const float *dx, *sx;
     int64_t K, groups;
     int inter;
+    uint64_t call; /* this call's number (tile_rows_a8_512's unpacked weights) */
+    int *rc;       /* set to -2 when a thread runs out of memory */
 };
 
 static void a8_tile_rows(const void *ctx, int64_t m0, const uint8_t *tp0, const uint8_t *tp1,
@@ -626,9 +651,12 @@ static void a8_tile_rows(const void *ctx, int64_t m0, const uint8_t *tp0, const 
     const struct a8_rows *c = ctx;
 #if A8_VNNI512
     if (c->inter) { /* m0: a multiple of 32, so of 8 */
-        for (int r = 0; r < mrows; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
-        tile_rows_a8_512(c->qx + m0 * c->K, c->dx + m0 * c->groups, c->sx + m0 * c->groups,
-                         c->groups, tp0, tp1, acc0, acc1, mrows);
+        if (tile_rows_a8_512(c->qx + m0 * c->K, c->dx + m0 * c->groups,
+                             c->sx + m0 * c->groups, c->groups, tp0, tp1, acc0, acc1, mrows,
+                             c->call)) {
+            *c->rc = -2;
+            for (int r = 0; r < mrows; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
+        }
         return;
     }
 #endif
@@ -684,10 +712,16 @@ static int gemm_a8(const void *x, int64_t ldx, int64_t M, const uint8_t *wp, int
         else
             quantize_rows(x, ldx, r0, r1, K, qx, dx, sx, 0, 0);
     }
-    const struct a8_rows ctx = {qx, dx, sx, K, groups, inter};
+    int rc = 0;
+#if A8_VNNI512
+    const uint64_t call = __atomic_add_fetch(&a8_calls, 1, __ATOMIC_RELAXED);
+#else
+    const uint64_t call = 0;
+#endif
+    const struct a8_rows ctx = {qx, dx, sx, K, groups, inter, call, &rc};
     gemm_tile_pairs(M, N, groups, Q4_BYTES, wp, bias, y, bf16, ldy, num_threads, a8_tile_rows,
                     &ctx);
-    return 0;
+    return rc;
 }
 #else
 static int gemm_a8(const void *x, int64_t ldx, int64_t M, const uint8_t *wp, int64_t N,
