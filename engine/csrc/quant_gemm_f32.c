@@ -369,9 +369,12 @@ static inline __attribute__((always_inline)) void quantize_rows(
                                                           9, 11, 13, 15, 0, 2, 4, 6, 1, 3, 5, 7,
                                                           8, 10, 12, 14, 9, 11, 13, 15));
 #if A8_VNNI512
-            if (inter) { /* word j (4 inputs) of the group to its row's slot of vector j */
-                _mm256_i32scatter_epi32(qx + ((r / 8) * groups + g) * 256 + (r % 8) * 4,
-                                        _mm256_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56), i8, 4);
+            if (inter) { /* word j (4 inputs) of the group to its row's slot of vector j
+                          * (stores of 4 bytes: VPSCATTERDD took 3x the time) */
+                int32_t words[8];
+                _mm256_storeu_si256((__m256i *)words, i8);
+                int8_t *dst = qx + ((r / 8) * groups + g) * 256 + (r % 8) * 4;
+                for (int j = 0; j < 8; j++) memcpy(dst + 32 * j, &words[j], 4);
                 continue;
             }
 #endif
