@@ -107,7 +107,7 @@ def check_w4a8(device: torch.device, dtype: torch.dtype | None) -> None:
 
     if a8_kernel(dtype) is None:
         raise ValueError("--quantization w4a8 needs its AVX2/FMA/F16C kernel "
-                         "(engine/csrc/quant_gemm_f32.c), which did not build or run here")
+                         "(engine/csrc/quant_gemm_a8.c), which did not build or run here")
 
 
 #: The CPU KV cache's size when --kv-cache-memory is not given.

@@ -11,9 +11,9 @@ cached, loaded with ctypes.
   (`load_small_gemm`);
 - `quant_gemm.c`: linear layers for few rows straight from GGUF Q4_1 / Q8_0 weights kept
   quantized (`load_quant_gemm`), and `quant_gemm_f32.c` the same for the float32 engine
-  on any AVX2 CPU (`load_quant_gemm_f32`), which also runs Q4_1 for the float32 engine
-  with its inputs quantized to int8 (`load_quant_gemm_a8`, `--quantization w4a8`; for a
-  bfloat16 model `load_quant_gemm_a8_bf16`);
+  on any AVX2 CPU (`load_quant_gemm_f32`); `quant_gemm_a8.c` runs Q4_1 with the inputs
+  quantized to int8 (`load_quant_gemm_a8`, `--quantization w4a8`; for a bfloat16 model
+  `load_quant_gemm_a8_bf16`);
 - `layer_ops.c`: a layer's elementwise steps in bfloat16 (residual add + RMSNorm, RoPE,
   SiLU-and-multiply), one call each (`load_layer_ops`), and in float32 on any AVX2 CPU
   (`load_layer_ops_f32`).
@@ -588,7 +588,7 @@ class QuantGemmF32(QuantGemm):
 
 class QuantGemmA8(QuantGemm):
     """float32 y = x @ W.T (+ b) for a Q4_1 weight with x quantized to int8 per group of 32
-    inside the call (csrc/quant_gemm_f32.c's w4a8 part, AVX2, and AVX512-VNNI where the CPU
+    inside the call (csrc/quant_gemm_a8.c, AVX2, and AVX512-VNNI where the CPU
     has it: `--quantization w4a8`): integer dot products, 1.7x the float32 kernel at one row
     and 2.1-2.75x at 16-2,048 rows of SmolLM2's projections on an AVX2 EPYC (best of 5, 2
     threads; README, *Weights*), not exact (x's rounding: ~0.5 % of a GEMM's output)."""
@@ -596,7 +596,7 @@ class QuantGemmA8(QuantGemm):
     TILE_N = 8
     BYTES = {"q4_1": 160}
     DTYPE = torch.float32
-    PACK_SUFFIX, GEMM_SUFFIX = "_f32", "a8"  # QuantGemmF32's packing
+    PACK_SUFFIX, GEMM_SUFFIX = "_a8", "a8"  # QuantGemmF32's packing, exported again
 
 
 class QuantGemmA8BF16(QuantGemmA8):
@@ -786,10 +786,8 @@ load_paged_prefill_f32 = _kernel_loader("paged_prefill", PagedPrefillKernelF32, 
 load_small_gemm = _kernel_loader("small_gemm", SmallGemm)
 load_quant_gemm = _kernel_loader("quant_gemm", QuantGemm)
 load_quant_gemm_f32 = _kernel_loader("quant_gemm_f32", QuantGemmF32, "AVX2/FMA/F16C")
-load_quant_gemm_a8 = _kernel_loader("quant_gemm_f32", QuantGemmA8, "AVX2/FMA/F16C",
-                                    "quant_gemm_a8")
-load_quant_gemm_a8_bf16 = _kernel_loader("quant_gemm_f32", QuantGemmA8BF16, "AVX2/FMA/F16C",
-                                         "quant_gemm_a8")
+load_quant_gemm_a8 = _kernel_loader("quant_gemm_a8", QuantGemmA8, "AVX2/FMA/F16C")
+load_quant_gemm_a8_bf16 = _kernel_loader("quant_gemm_a8", QuantGemmA8BF16, "AVX2/FMA/F16C")
 load_layer_ops = _kernel_loader("layer_ops", LayerOps)
 load_layer_ops_f32 = _kernel_loader("layer_ops", LayerOpsF32, "AVX2/FMA", "layer_ops_f32")
 load_layer_stack = _kernel_loader("layer_stack", LayerStack, "nothing")

@@ -141,7 +141,7 @@ static inline void store_rows8_bf16(uint16_t *y, int64_t ldy, int64_t row0, int6
 
 /* What fills a chunk of at most 32 rows' accumulators for one or two (nt) adjacent tiles of
  * 8 outputs, from their packed weights tp0 and tp1 (tp1 == tp0 for one tile): the float32
- * and the w4a8 halves of quant_gemm_f32.c. */
+ * and the w4a8 GEMMs (quant_gemm_f32.c, quant_gemm_a8.c). */
 typedef void (*tile_rows_fn)(const void *ctx, int64_t m0, const uint8_t *tp0,
                              const uint8_t *tp1, __m256 *acc0, __m256 *acc1, int mrows, int nt);
 
@@ -189,8 +189,8 @@ static inline void tile_pair(int64_t pr, int64_t M, int64_t N, int64_t groups,
     }
 }
 
-/* y [M, N] (+ bias) of the float32 quantized GEMMs (bfloat16 y when `ybf16`): tiles of 8 outputs, each `group_bytes`
- * a group for `groups` groups, taken two adjacent tiles at a time (so two tiles share each
+/* y [M, N] (+ bias) of the float32 quantized GEMMs (bfloat16 y when `ybf16`): tiles of 8
+ * outputs, each `group_bytes` a group for `groups` groups, taken two adjacent tiles at a time (so two tiles share each
  * load of x) and split over OpenMP threads.
  * Prefill-sized calls (256 rows or more) hand the pairs out 2 at a time, so a thread the
  * host slows takes fewer (w4a8 prefill of SmolLM2 5-10 % faster than an even share each,

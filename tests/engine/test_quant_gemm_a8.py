@@ -1,4 +1,4 @@
-"""The w4a8 kernel (in engine/csrc/quant_gemm_f32.c, AVX2, AVX512-VNNI where built with it):
+"""The w4a8 kernel (engine/csrc/quant_gemm_a8.c, AVX2, AVX512-VNNI where built with it):
 Q4_1 weights against float32 (or bfloat16) inputs quantized to int8 per group of 32 inside
 the call. Checked against a float64 model of the same arithmetic (tight: only float32
 summation order differs), against the exact GEMM (loose: the inputs' rounding), the
@@ -130,7 +130,7 @@ def test_avx2_build_equals_this_machines_build(tmp_path, monkeypatch):
         pytest.skip("needs a C compiler on x86-64")
     monkeypatch.setattr(native, "CFLAGS", ("-O3", "-march=x86-64-v3", "-fopenmp", "-shared",
                                            "-fPIC"))
-    lib = ctypes.CDLL(str(native.build(native.CSRC / "quant_gemm_f32.c", tmp_path, compiler)))
+    lib = ctypes.CDLL(str(native.build(native.CSRC / "quant_gemm_a8.c", tmp_path, compiler)))
     avx2 = native.QuantGemmA8(lib)
     w = random_q4(200, 608, seed=21)
     packed = gemm.pack(w)
