@@ -20,8 +20,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="the KV cache's element type: auto (the model's) | bfloat16 (a float32 "
                         "model on CPU: half the KV bytes to hold, move and read each decode step; "
-                        "keys and values rounded to bfloat16) | fp8 = fp8_e4m3 (a float32 model on "
-                        "CPU: a quarter of the bytes; float8 e4m3, no scale, saturated at +-448)")
+                        "keys and values rounded to bfloat16) | fp8 = fp8_e4m3 (a float32 or "
+                        "bfloat16 model on CPU: a quarter / half of the bytes; float8 e4m3, no "
+                        "scale, saturated at +-448)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)

@@ -68,9 +68,9 @@ class EngineConfig:
     #: The KV cache's element type (`--kv-cache-dtype`): auto (the model's dtype) |
     #: bfloat16 (for a float32 model on CPU: half the bytes a block holds, moves and a
     #: decode step reads; keys and values rounded to bfloat16, so no longer exact float32) |
-    #: fp8 = fp8_e4m3 (for a float32 model on CPU: a quarter of the bytes, twice bfloat16's
-    #: blocks in a budget; keys and values rounded to float8 e4m3 without a scale, saturated
-    #: at +-448, see engine/kv_dtype.py) | float32.
+    #: fp8 = fp8_e4m3 (for a float32 or bfloat16 model on CPU: a quarter / half of the bytes,
+    #: twice bfloat16's blocks in a budget; keys and values rounded to float8 e4m3 without a
+    #: scale, saturated at +-448, see engine/kv_dtype.py) | float32.
     kv_cache_dtype: str = "auto"
     #: Fraction of GPU memory for weights + KV (`--gpu-memory-utilization`).
     gpu_memory_utilization: float = 0.9

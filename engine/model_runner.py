@@ -53,17 +53,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def resolve_kv_cache_dtype(name: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The KV cache's dtype for `--kv-cache-dtype name` and the model's dtype: auto is the
-    model's; the other pairs are a bfloat16 or float8 e4m3 cache under a float32 model, on
-    CPU (the CPU backends read it back widened)."""
+    model's; the other pairs are a bfloat16 or float8 e4m3 cache under a float32 model and
+    a float8 cache under a bfloat16 model, on CPU (the CPU backends read it back widened)."""
     if name == "auto":
         return dtype
     kv = _KV_DTYPES[name]
     if kv == dtype:
         return kv
     model = dtype_name(dtype)
-    if dtype != torch.float32 or kv not in (torch.bfloat16, FP8):
+    if not ((dtype == torch.float32 and kv in (torch.bfloat16, FP8))
+            or (dtype == torch.bfloat16 and kv == FP8)):
         raise ValueError(f"--kv-cache-dtype {name} under a {model} model: use auto (the "
-                         "model's dtype), or bfloat16 or fp8 under a float32 model")
+                         "model's dtype), bfloat16 or fp8 under a float32 model, or fp8 "
+                         "under a bfloat16 model")
     if device.type != "cpu":
         raise ValueError(f"--kv-cache-dtype {name} under a {model} model runs on CPU only "
                          "(on GPU use auto)")

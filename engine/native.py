@@ -273,6 +273,16 @@ class PagedDecodeKernelF32FP8KV(PagedDecodeKernel):
     SUFFIX = "f32_fp8kv"
 
 
+class PagedDecodeKernelBF16FP8KV(PagedDecodeKernel):
+    """Bfloat16 q and out over a float8 e4m3 cache: a bfloat16 engine with `--kv-cache-dtype
+    fp8`, half the bfloat16 cache's bytes a step. The float32 kernel's float8 path (AVX2,
+    FMA and F16C) on q widened exactly; k and v rounded from bfloat16 to float8 once."""
+
+    DTYPE = torch.bfloat16
+    KV_DTYPE = FP8
+    SUFFIX = "bf16_fp8kv"
+
+
 def fn_address(fn) -> int:
     """A ctypes function's address, for a kernel that calls other kernels (layer_stack.c)."""
     return ctypes.cast(fn, ctypes.c_void_p).value
@@ -778,6 +788,8 @@ load_paged_decode_f32 = _kernel_loader("paged_decode", PagedDecodeKernelF32, "AV
                                        "paged_decode_f32")
 load_paged_decode_f32_bf16kv = _kernel_loader("paged_decode", PagedDecodeKernelF32BF16KV,
                                               "AVX2/FMA", "paged_decode_f32")
+load_paged_decode_bf16_fp8kv = _kernel_loader("paged_decode", PagedDecodeKernelBF16FP8KV,
+                                              "AVX2/FMA/F16C", "paged_decode_f32")
 load_paged_decode_f32_fp8kv = _kernel_loader("paged_decode", PagedDecodeKernelF32FP8KV,
                                              "AVX2/FMA/F16C", "paged_decode_f32")
 load_paged_prefill = _kernel_loader("paged_prefill", PagedPrefillKernel)
@@ -792,7 +804,7 @@ load_layer_ops = _kernel_loader("layer_ops", LayerOps)
 load_layer_ops_f32 = _kernel_loader("layer_ops", LayerOpsF32, "AVX2/FMA", "layer_ops_f32")
 load_layer_stack = _kernel_loader("layer_stack", LayerStack, "nothing")
 _LOADERS = (load_paged_decode, load_paged_decode_f32, load_paged_decode_f32_bf16kv,
-            load_paged_decode_f32_fp8kv,
+            load_paged_decode_f32_fp8kv, load_paged_decode_bf16_fp8kv,
             load_paged_prefill,
             load_paged_prefill_f32, load_small_gemm, load_quant_gemm, load_quant_gemm_f32,
             load_quant_gemm_a8, load_quant_gemm_a8_bf16,

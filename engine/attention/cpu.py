@@ -67,7 +67,8 @@ import torch
 from .base import AttentionMetadata
 from ..kv_dtype import FP8
 from ..native import (PreparedDecode, load_paged_decode, load_paged_decode_f32,
-                      load_paged_decode_f32_bf16kv, load_paged_decode_f32_fp8kv,
+                      load_paged_decode_bf16_fp8kv, load_paged_decode_f32_bf16kv,
+                      load_paged_decode_f32_fp8kv,
                       load_paged_prefill, load_paged_prefill_f32)
 from .torch_ref import TorchAttentionBackend
 
@@ -77,12 +78,15 @@ class CpuAttentionBackend(TorchAttentionBackend):
 
     def __init__(self, dtype: torch.dtype | None = None) -> None:
         """dtype: the model's (q's); None: the cache's. A float32 model over a bfloat16 or
-        float8 cache (`--kv-cache-dtype bfloat16 / fp8`) decodes with float32 q over it."""
+        float8 cache (`--kv-cache-dtype bfloat16 / fp8`) decodes with float32 q over it, a
+        bfloat16 model over a float8 cache with bfloat16 q."""
         f32 = dtype == torch.float32
         decode = {torch.bfloat16: load_paged_decode_f32_bf16kv if f32 else load_paged_decode,
                   torch.float32: load_paged_decode_f32}
         if f32:
             decode[FP8] = load_paged_decode_f32_fp8kv
+        elif dtype == torch.bfloat16:
+            decode[FP8] = load_paged_decode_bf16_fp8kv
         #: The paged-decode kernel for each cache dtype it is built for here.
         self.kernels = _built(decode)
         #: The paged-prefill kernel likewise.

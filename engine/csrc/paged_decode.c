@@ -576,11 +576,12 @@ static void merge_parts(const float *state, int64_t part_stride, int parts, int 
     }
 }
 
-/* Which q and cache a call has: bfloat16 both, float32 both, or float32 q over a bfloat16
- * or a float8 e4m3 cache. */
-enum { Q16_KV16, Q32_KV32, Q32_KV16, Q32_KV8 };
+/* Which q and cache a call has: bfloat16 both, float32 both, float32 q over a bfloat16 or a
+ * float8 e4m3 cache, or bfloat16 q over a float8 cache (q widened to float32 first, then as
+ * Q32_KV8, out rounded to bfloat16). */
+enum { Q16_KV16, Q32_KV32, Q32_KV16, Q32_KV8, Q16_KV8 };
 
-/* q: [D, nkv * g, d] (bf16 for Q16_KV16, else float32), request r's heads at
+/* q: [D, nkv * g, d] (bf16 for Q16_KV16 and Q16_KV8, else float32), request r's heads at
  * q + r * q_stride elements, contiguous (query head j of kv head h is h * g + j, HF's
  * grouping); out: [D, nkv * g, d] contiguous, q's type; strides in elements.
  * tables: [D, max_blocks] int64; seq_lens: [D] int64 (tokens incl. this one).
@@ -593,7 +594,7 @@ static int paged_decode(const void *q, int64_t q_stride, void *out, const void *
                         int64_t block_stride, int64_t v_off, const int64_t *tables,
                         int64_t max_blocks, const int64_t *seq_lens, int D, int nkv, int g, int d,
                         int bs, float scale, int num_threads, int mode) {
-    const int f32 = mode != Q16_KV16;
+    const int f32 = mode != Q16_KV16 && mode != Q16_KV8;
     if (D < 0 || g < 1 || nkv < 1 || d < 1 || bs < 1 || max_blocks < 1) return -1;
     int64_t max_len = 0;
     for (int r = 0; r < D; r++) {
@@ -609,7 +610,8 @@ static int paged_decode(const void *q, int64_t q_stride, void *out, const void *
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && units > 1)
     {
-        float *s = malloc(sizeof(float) * (nh * max_len + nh * d) + sizeof(uint16_t) * nh * d);
+        /* scores, q scaled, q as bf16 (Q16_KV16) or q widened (Q16_KV8) */
+        float *s = malloc(sizeof(float) * (nh * max_len + 2 * nh * d));
         if (!s) {
 #pragma omp atomic write
             failed = 1;
@@ -641,6 +643,13 @@ static int paged_decode(const void *q, int64_t q_stride, void *out, const void *
                 decode_part_f32_kv8((const float *)q + r * q_stride, layer_k, block_stride,
                                      v_off, table, t0, t1, nkv, g, d, bs, scale, s, qf, st,
                                      st + nh, st + 2 * nh);
+            else if (mode == Q16_KV8) {
+                float *qw = qf + nh * d;
+                const uint16_t *qr = (const uint16_t *)q + r * q_stride;
+                for (int64_t i = 0; i < nh * d; i++) qw[i] = bf16_to_f32(qr[i]);
+                decode_part_f32_kv8(qw, layer_k, block_stride, v_off, table, t0, t1, nkv, g, d,
+                                    bs, scale, s, qf, st, st + nh, st + 2 * nh);
+            }
             else
                 decode_part((const uint16_t *)q + r * q_stride, layer_k, block_stride, v_off,
                             table, t0, t1, nkv, g, d, bs, scale, s, qf,
@@ -675,6 +684,8 @@ PAGED_DECODE_ENTRY(f32, float, float, Q32_KV32)
 PAGED_DECODE_ENTRY(f32_bf16kv, float, uint16_t, Q32_KV16)
 /* ... and over a float8 e4m3 cache (`--kv-cache-dtype fp8`) */
 PAGED_DECODE_ENTRY(f32_fp8kv, float, uint8_t, Q32_KV8)
+/* bfloat16 q and out over a float8 cache (a bfloat16 engine's `--kv-cache-dtype fp8`) */
+PAGED_DECODE_ENTRY(bf16_fp8kv, uint16_t, uint8_t, Q16_KV8)
 
 SPLITSERVE_BF16_PROBE(paged_decode)
 SPLITSERVE_F32_PROBE(paged_decode)

@@ -29,6 +29,7 @@ def test_auto_is_the_models_dtype_and_narrower_is_allowed_on_cpu():
     assert resolve_kv_cache_dtype("float32", F32, CPU) == F32
     assert resolve_kv_cache_dtype("fp8", F32, CPU) == FP8
     assert resolve_kv_cache_dtype("fp8_e4m3", F32, CPU) == FP8
+    assert resolve_kv_cache_dtype("fp8", BF16, CPU) == FP8
 
 
 def test_other_pairs_and_mixed_on_gpu_are_refused():
@@ -39,12 +40,13 @@ def test_other_pairs_and_mixed_on_gpu_are_refused():
     with pytest.raises(ValueError, match="CPU only"):
         resolve_kv_cache_dtype("bfloat16", F32, torch.device("cuda"))
     assert resolve_kv_cache_dtype("bfloat16", BF16, torch.device("cuda")) == BF16
-    # the bfloat16 model's kernels read a bfloat16 cache only
-    with pytest.raises(ValueError, match="fp8 under a bfloat16 model: use auto.*bfloat16 or fp8 "
-                                         "under a float32 model"):
-        resolve_kv_cache_dtype("fp8", BF16, CPU)
-    with pytest.raises(ValueError, match="CPU only"):
-        resolve_kv_cache_dtype("fp8", F32, torch.device("cuda"))
+    # a float16 model has no kernels over a narrower cache; every choice is named
+    with pytest.raises(ValueError, match="fp8 under a float16 model: use auto.*bfloat16 or fp8 "
+                                         "under a float32 model, or fp8 under a bfloat16 model"):
+        resolve_kv_cache_dtype("fp8", torch.float16, CPU)
+    for model in (F32, BF16):
+        with pytest.raises(ValueError, match="CPU only"):
+            resolve_kv_cache_dtype("fp8", model, torch.device("cuda"))
 
 
 def test_unknown_dtype_is_refused_naming_the_choices():
