@@ -486,13 +486,7 @@ static int gemm_a8(const void *x, int64_t ldx, int64_t M, const uint8_t *wp, int
     return rc;
 }
 #else
-static int gemm_a8(const void *x, int64_t ldx, int64_t M, const uint8_t *wp, int64_t N,
-                   int64_t K, const float *bias, void *y, int64_t ldy, int num_threads,
-                   const int bf16) {
-    (void)x; (void)ldx; (void)M; (void)wp; (void)N; (void)K; (void)bias; (void)y; (void)ldy;
-    (void)num_threads; (void)bf16;
-    return -1;
-}
+#define gemm_a8(...) (-1) /* built without AVX2/FMA/F16C: the entries refuse every call */
 #endif
 
 /* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) @ W.T + bias (bias may be NULL),
