@@ -6,10 +6,10 @@
  * It computes nothing itself: it calls the entry points of the other kernels (layer_ops.c,
  * quant_gemm_f32.c or quant_gemm_a8.c: the float32 or the w4a8 GEMM, paged_decode.c), whose
  * addresses Python passes in, in the order LlamaForCausalLM.forward calls them, on the same
- * buffers, so its output equals that loop's bit for bit. What it saves is the loop: ~10 calls a layer from Python
- * through ctypes, each a few µs of interpreter, argument packing and tensor allocation while
- * the other OpenMP thread spins (on a 2-core CPU, batch-1 decode of SmolLM2 spent ~40 % of
- * its main thread's time there).
+ * buffers, so its output equals that loop's bit for bit. What it saves is the loop: ~10
+ * calls a layer from Python through ctypes, each a few µs of interpreter, argument packing
+ * and tensor allocation while the other OpenMP thread spins (on a 2-core CPU, batch-1
+ * decode of SmolLM2 spent ~40 % of its main thread's time there).
  */
 #include <stdint.h>
 #include <string.h>

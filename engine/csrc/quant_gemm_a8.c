@@ -67,6 +67,19 @@ static inline __m256i a8_acc(__m256i s, __m256i w, __m256i x) {
 }
 #endif
 
+/* A buffer of at least `bytes` (64-byte aligned) kept by the calling thread across calls
+ * (*buf, *have: its address and size), grown when a call needs more: a fresh allocation
+ * of a prefill's size every call came back from the kernel as zeroed pages (~4 % of a
+ * w4a8 run). NULL when out of memory. */
+static void *kept_buffer(void **buf, size_t *have, size_t bytes) {
+    if (bytes > *have) {
+        free(*buf);
+        *buf = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        *have = *buf ? bytes : 0;
+    }
+    return *buf;
+}
+
 /* A group's integer sums (a8_acc's lanes) as 8 float32 dot products, one per row. */
 static inline __m256 a8_dot(__m256i s) {
 #if A8_VNNI
@@ -330,8 +343,8 @@ static __attribute__((noinline)) void tile_rows_a8_pairs(const int8_t *xq, const
  * rows of a pair come in chunks of 32 (tile_pair), all on one thread: unpacked once a pair
  * instead of once a chunk (for a 2,048-row prefill, 64 times). */
 static uint64_t a8_calls;
-static __thread uint8_t *a8_unpacked;
-static __thread int64_t a8_unpacked_groups;
+static __thread void *a8_unpacked;
+static __thread size_t a8_unpacked_bytes;
 static __thread uint64_t a8_unpacked_call;
 static __thread const uint8_t *a8_unpacked_pair;
 
@@ -343,15 +356,10 @@ static __attribute__((noinline)) int tile_rows_a8_512(const int8_t *qxi, const f
                                                        const uint8_t *tp0, const uint8_t *tp1,
                                                        __m256 *acc0, __m256 *acc1, int mrows,
                                                        uint64_t call) {
-    if (groups > a8_unpacked_groups) {
-        free(a8_unpacked);
-        a8_unpacked = (uint8_t *)aligned_alloc(64, (size_t)groups * 640);
-        a8_unpacked_groups = a8_unpacked ? groups : 0;
-        a8_unpacked_pair = NULL;
-        if (!a8_unpacked) return -2;
-    }
-    __m256i(*w)[8][2] = (__m256i(*)[8][2])(void *)a8_unpacked;
-    __m256(*dm)[2][2] = (__m256(*)[2][2])(void *)(a8_unpacked + groups * 512);
+    uint8_t *u = kept_buffer(&a8_unpacked, &a8_unpacked_bytes, (size_t)groups * 640);
+    if (!u) return -2;
+    __m256i(*w)[8][2] = (__m256i(*)[8][2])(void *)u;
+    __m256(*dm)[2][2] = (__m256(*)[2][2])(void *)(u + groups * 512);
     if (a8_unpacked_call != call || a8_unpacked_pair != tp0) {
         unpack_a8(tp0, tp1, 0, groups, w, dm);
         a8_unpacked_call = call, a8_unpacked_pair = tp0;
@@ -426,20 +434,9 @@ static void a8_tile_rows(const void *ctx, int64_t m0, const uint8_t *tp0, const 
               c->groups, tp0, tp1, acc0, acc1, mrows, nt);
 }
 
-/* The calling thread's scratch for the quantized x, grown as needed and kept (a fresh
- * allocation of a prefill's size every call came back from the kernel as zeroed pages: ~4 %
- * of a w4a8 run). */
-static __thread int8_t *a8_scratch;
+/* The calling thread's scratch for the quantized x (kept_buffer). */
+static __thread void *a8_scratch;
 static __thread size_t a8_scratch_bytes;
-
-static int8_t *scratch_a8(size_t bytes) {
-    if (bytes > a8_scratch_bytes) {
-        free(a8_scratch);
-        a8_scratch = (int8_t *)aligned_alloc(64, (bytes + 63) / 64 * 64);
-        a8_scratch_bytes = a8_scratch ? bytes : 0;
-    }
-    return a8_scratch;
-}
 
 /* x, y: float32, or bfloat16 when `bf16` (bias: float32 either way, or NULL). */
 static int gemm_a8(const void *x, int64_t ldx, int64_t M, const uint8_t *wp, int64_t N,
@@ -452,7 +449,8 @@ static int gemm_a8(const void *x, int64_t ldx, int64_t M, const uint8_t *wp, int
      * (rows past M zero) for rows8_a8_512. */
     const int inter = A8_VNNI512 && M >= A8_PAIR_ROWS;
     const int64_t rows = inter ? (M + 7) / 8 * 8 : M;
-    int8_t *qx = scratch_a8((size_t)(rows * K + 2 * rows * groups * (int64_t)sizeof(float)));
+    int8_t *qx = kept_buffer(&a8_scratch, &a8_scratch_bytes,
+                             (size_t)(rows * K + 2 * rows * groups * (int64_t)sizeof(float)));
     if (!qx) return -2;
     float *dx = (float *)(void *)(qx + rows * K), *sx = dx + rows * groups;
     if (rows > M) { /* the last block's padding rows: zero x, dx and sx */

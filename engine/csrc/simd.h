@@ -190,8 +190,8 @@ static inline void tile_pair(int64_t pr, int64_t M, int64_t N, int64_t groups,
 }
 
 /* y [M, N] (+ bias) of the float32 quantized GEMMs (bfloat16 y when `ybf16`): tiles of 8
- * outputs, each `group_bytes` a group for `groups` groups, taken two adjacent tiles at a time (so two tiles share each
- * load of x) and split over OpenMP threads.
+ * outputs, each `group_bytes` a group for `groups` groups, taken two adjacent tiles at a
+ * time (so two tiles share each load of x) and split over OpenMP threads.
  * Prefill-sized calls (256 rows or more) hand the pairs out 2 at a time, so a thread the
  * host slows takes fewer (w4a8 prefill of SmolLM2 5-10 % faster than an even share each,
  * alternating in one process on an AVX2 EPYC), and an output of 4 MB or more is written
